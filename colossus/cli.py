@@ -1,0 +1,118 @@
+"""The `colossus` command line. Each subcommand parses its flags and calls one library function;
+a UserError from anywhere becomes one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from colossus import __version__
+from colossus.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Colossus: train, plan and account for Grok-style mixture-of-experts language models,
+from one laptop CPU to a 100,000-GPU cluster.
+
+Start with `colossus train`: it trains the `tiny` MoE on this machine's Python standard
+library (no download) into ./runs/tiny; run it again to resume."""
+
+TRAIN_EPILOG = """\
+examples:
+  colossus train                                   # tiny MoE on the stdlib corpus, CPU, ~3 minutes
+  colossus train --steps 600                       # resume ./runs/tiny and train on to step 600
+  colossus train configs/tiny.toml --out runs/a --set train.lr=1e-3 --set model.n_layers=6
+  colossus train --set model.preset=small --set data.tokenizer=bpe --set model.vocab_size=4096
+
+The run folder holds config.toml (resolved config), metrics.jsonl, events.jsonl, tb/ (TensorBoard),
+checkpoints/step-N/ and summary.json. Values in --set are TOML: numbers, true/false, "strings"."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colossus", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"colossus {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model (or resume a run)", epilog=TRAIN_EPILOG,
+                                description="Train a model from a TOML config, or resume the run in --out.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", nargs="?", metavar="CONFIG.toml", help="run config; omitted: the tiny defaults")
+    train.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model name>); an existing run resumes")
+    train.add_argument("--steps", type=int, metavar="N", help="train until step N (same as --set train.steps=N)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config key, e.g. --set train.lr=1e-3 (repeatable)")
+
+    models = commands.add_parser("models", help="list model presets with parameters and FLOPs per token",
+                                 description="List the model presets: total and active parameters, FLOPs per token.")
+    models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from colossus.config import load_config
+    from colossus.train.trainer import train
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    config = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / config.model.name
+    summary = train(config, out)
+    print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "
+          f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {out}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from colossus import modelmath
+    from colossus.models.presets import PRESETS
+
+    rows = [modelmath.summary(cfg) for cfg in PRESETS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Model presets: parameters, and FLOPs per trained token (6 N_active + 12 L H Q T)")
+    for column in ("name", "layers", "d_model", "experts", "total", "active", "GFLOP/token"):
+        table.add_column(column, justify="left" if column == "name" else "right")
+    for cfg, row in zip(PRESETS.values(), rows):
+        experts = f"{cfg.n_experts} (top-{cfg.top_k})" if cfg.is_moe else "dense"
+        table.add_row(row["name"], str(cfg.n_layers), str(cfg.d_model), experts, _human(row["params_total"]),
+                      _human(row["params_active"]), f"{row['flops_per_token'] / 1e9:,.3f}")
+    Console().print(table)
+    return 0
+
+
+def _human(count: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(int(count))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": run_train, "models": run_models}
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return handlers[args.command](args)
+    except UserError as exc:
+        print(f"colossus {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"colossus {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Typed configuration: one dataclass per TOML table, loading, `--set` overrides and validation.
+
+A run is described by a TOML file whose tables match the dataclasses below ([model], [data],
+[train], [checkpoint], [eval], [log]). Every mistake (unknown key, wrong type, impossible shape)
+becomes a one-line UserError naming the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from colossus.errors import UserError
+
+FFN_TYPES = ("geglu", "swiglu", "gelu")
+NORM_PLACEMENTS = ("sandwich", "pre")
+
+
+@dataclass
+class ModelConfig:
+    """The single description of a model: the model builder, the trainer's MFU, the planner and the
+    ledger all read it (through colossus.modelmath for any number derived from it)."""
+
+    name: str = "tiny"
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    ffn_dim: int = 512
+    ffn_type: str = "geglu"
+    n_experts: int = 8
+    top_k: int = 2
+    vocab_size: int = 256
+    seq_len: int = 256
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    attn_softcap: float = 30.0  # c in c*tanh(x/c); 0 disables and uses fused SDPA
+    embedding_multiplier: float = 16.0  # Grok-1: sqrt(d_model)
+    output_multiplier: float = 0.5773502691896257  # Grok-1: 1/sqrt(3)
+    norm: str = "sandwich"
+    norm_eps: float = 1e-5
+    router_renormalize: bool = False  # Grok-1 gates are the plain softmax probabilities
+    moe_aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4)
+    moe_z_loss_coef: float = 0.001  # router z-loss (Zoph et al. 2022, ST-MoE, eq. 5)
+    capacity_factor: float = 0.0  # 0 = dropless; otherwise tokens per expert <= cf * tokens * top_k / experts
+    init_std: float = 0.02
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 1
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib", a folder, a glob, or .txt/.jsonl/.parquet files
+    text_field: str = "text"  # the field holding the text in JSONL / Parquet records
+    tokenizer: str = "byte"  # "byte", "bpe" (trained here, cached) or a path to a tokenizer.json
+    val_fraction: float = 0.01
+    cache_dir: str = ""  # "" = $XDG_CACHE_HOME/colossus or ~/.cache/colossus
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 16  # sequences per forward/backward; the rest is gradient accumulation
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    compile: bool = False
+    threads: int = 0  # CPU threads per process; 0 = all cores divided by local ranks
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps between checkpoints; a final one is always written
+    keep: int = 3  # complete checkpoints to keep (the newest is never deleted)
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 100  # steps between validation passes; one is always run at the end
+    batches: int = 8  # validation batches of train.micro_batch sequences
+    sample_tokens: int = 200  # tokens generated at the end of the run (0 = none)
+    sample_prompt: str = "def "
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # steps between metrics lines
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_TYPES = typing.get_type_hints(RunConfig)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    """Check one value against its declared type; ints are accepted where floats are expected."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        shown = f"'{value}'" if isinstance(value, str) else repr(value)
+        raise UserError(
+            f"config key {where} must be {_KIND_NAMES[kind]}, got {shown} ({type(value).__name__})"
+        )
+    return float(value) if kind is float else value
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _build_section(name: str, values: dict[str, Any], base: Any) -> Any:
+    cls = type(base)
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    updates = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown config key {name}.{key}{_suggest(key, known)}; known keys: {', '.join(known)}")
+        updates[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return dataclasses.replace(base, **updates)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse one `--set section.key=value`; the value is read as TOML (numbers, true/false,
+    quoted strings), and anything TOML cannot read is taken as a plain string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=100")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def config_from_dict(tables: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from TOML-shaped tables. A [model] `preset` key starts the
+    model from a named preset; the other [model] keys then override its fields."""
+    from colossus.models.presets import get_preset  # presets import this module
+
+    config = RunConfig()
+    for name, values in tables.items():
+        if name not in SECTIONS:
+            raise UserError(f"unknown config section [{name}]{_suggest(name, list(SECTIONS))}; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"config section [{name}] must be a table of keys, got {values!r}")
+        values = dict(values)
+        base = getattr(config, name)
+        if name == "model" and "preset" in values:
+            preset = _coerce("model.preset", values.pop("preset"), str)
+            base = get_preset(preset)
+            if "name" not in values and values:
+                values["name"] = f"{preset}-custom"
+        setattr(config, name, _build_section(name, values, base))
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML file (optional), apply `section.key=value` overrides, validate."""
+    tables: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; pass an existing .toml file or none for the defaults")
+        try:
+            tables = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        table = tables.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise UserError(f"--set {text!r}: [{section}] is not a table in the config")
+        table[key] = value
+    return config_from_dict(tables)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_to_toml(config: RunConfig) -> str:
+    return tomli_w.dumps(config_to_dict(config))
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"config key {where} must be positive, got {value}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "n_experts", "top_k", "vocab_size", "seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.d_model % m.n_heads:
+        raise UserError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick a head count that divides it")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; grouped-query attention needs whole groups")
+    if m.top_k > m.n_experts:
+        raise UserError(f"model.top_k={m.top_k} is larger than model.n_experts={m.n_experts}; use top_k <= n_experts")
+    if m.head_dim % 2:
+        raise UserError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    if m.ffn_type not in FFN_TYPES:
+        raise UserError(f"model.ffn_type={m.ffn_type!r} is not one of {', '.join(FFN_TYPES)}")
+    if m.norm not in NORM_PLACEMENTS:
+        raise UserError(f"model.norm={m.norm!r} is not one of {', '.join(NORM_PLACEMENTS)}")
+    for key in ("attn_softcap", "moe_aux_loss_coef", "moe_z_loss_coef", "capacity_factor"):
+        if getattr(m, key) < 0:
+            raise UserError(f"config key model.{key} must be >= 0, got {getattr(m, key)}")
+    if not math.isfinite(m.embedding_multiplier) or not math.isfinite(m.output_multiplier):
+        raise UserError("model.embedding_multiplier and model.output_multiplier must be finite numbers")
+
+
+def validate(config: RunConfig) -> None:
+    validate_model(config.model)
+    t = config.train
+    for key in ("steps", "global_batch", "micro_batch", "lr"):
+        _positive(f"train.{key}", getattr(t, key))
+    if t.global_batch % t.micro_batch:
+        raise UserError(
+            f"train.micro_batch={t.micro_batch} does not divide train.global_batch={t.global_batch}; "
+            "the global batch is split into equal micro-batches"
+        )
+    if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1 or t.grad_clip < 0 or t.weight_decay < 0:
+        raise UserError("train.warmup_steps, train.grad_clip and train.weight_decay must be >= 0 and train.min_lr_ratio in [0, 1]")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"train.device={t.device!r} is not one of auto, cpu, cuda")
+    if t.threads < 0:
+        raise UserError(f"train.threads must be >= 0, got {t.threads}")
+    _positive("checkpoint.interval", config.checkpoint.interval)
+    _positive("checkpoint.keep", config.checkpoint.keep)
+    _positive("eval.interval", config.eval.interval)
+    _positive("eval.batches", config.eval.batches)
+    if config.eval.sample_tokens < 0:
+        raise UserError(f"eval.sample_tokens must be >= 0, got {config.eval.sample_tokens}")
+    _positive("log.interval", config.log.interval)
+    if not 0 < config.data.val_fraction < 0.5:
+        raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")

@@ -1,0 +1,141 @@
+"""Batches of (inputs, targets) from a flat token stream, deterministic and resumable.
+
+The stream is cut into windows of seq_len + 1 tokens starting every seq_len tokens (so the
+target of one window's last position is the next window's first input, and no token is wasted).
+Each epoch visits the windows in a seeded permutation; each optimizer step takes the next
+global_batch of them, and data-parallel rank r takes the r-th contiguous slice. The batches of
+a step over all ranks are therefore exactly the single-process batch, whatever the layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from colossus.errors import UserError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+_STATE_KEYS = ("epoch", "cursor", "seed", "n_windows", "global_batch")
+
+
+def count_windows(n_tokens: int, seq_len: int) -> int:
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def _rank_slice(batch: int, dp_rank: int, dp_size: int, what: str) -> slice:
+    """The contiguous part of a `batch`-sized global batch that belongs to dp_rank."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+    if batch <= 0 or batch % dp_size:
+        raise UserError(f"{what}={batch} must be a positive multiple of the {dp_size} data-parallel ranks; pick a multiple of {dp_size}")
+    per_rank = batch // dp_size
+    return slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+
+
+def gather_windows(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> Batch:
+    """Inputs and targets, int64 [len(window_ids), seq_len], read with one fancy-indexing gather."""
+    offsets = window_ids.astype(np.int64)[:, None] * seq_len + np.arange(seq_len + 1)
+    windows = np.asarray(tokens[offsets])
+    return torch.from_numpy(windows[:, :-1].astype(np.int64)), torch.from_numpy(windows[:, 1:].astype(np.int64))
+
+
+class TokenLoader:
+    """Shuffled training batches for one data-parallel rank; see the module docstring."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        global_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if seed < 0:
+            raise UserError(f"train.seed={seed} must be >= 0 (it seeds the data order)")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.global_batch = global_batch
+        self.seed = seed
+        self.n_windows = count_windows(len(tokens), seq_len)
+        if self.n_windows == 0:
+            raise UserError(f"the training data has {len(tokens)} tokens, fewer than model.seq_len + 1 = {seq_len + 1}; add data or lower model.seq_len")
+        self._mine = _rank_slice(global_batch, dp_rank, dp_size, "train.global_batch")
+        self.epoch = 0
+        self.cursor = 0  # position in this epoch's permutation of the next window to use
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation), recomputed per epoch
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None or self._perm[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._perm = (self.epoch, rng.permutation(self.n_windows))
+        return self._perm[1]
+
+    def _next_global_ids(self) -> np.ndarray:
+        """The window ids of the next optimizer step over all ranks, advancing epochs as needed."""
+        parts = []
+        need = self.global_batch
+        while need:
+            take = min(need, self.n_windows - self.cursor)
+            parts.append(self._permutation()[self.cursor : self.cursor + take])
+            self.cursor += take
+            need -= take
+            if self.cursor == self.n_windows:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return np.concatenate(parts)
+
+    def next_batch(self) -> Batch:
+        """This rank's (inputs, targets) for the next step, int64 [global_batch // dp_size, seq_len]."""
+        return gather_windows(self.tokens, self._next_global_ids()[self._mine], self.seq_len)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where a saved loader stopped. The position counts windows, not steps, so a
+        resumed run may even change global_batch; a different seed or data cannot continue."""
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise UserError(f"the checkpoint's data-loader state lacks {', '.join(missing)}; it was not written by this loader")
+        if int(state["seed"]) != self.seed or int(state["n_windows"]) != self.n_windows:
+            raise UserError(
+                f"the data changed since the checkpoint (seed {state['seed']} -> {self.seed}, "
+                f"windows {state['n_windows']} -> {self.n_windows}); resume with the same data, model.seq_len and train.seed"
+            )
+        epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        if epoch < 0 or not 0 <= cursor < self.n_windows:
+            raise UserError(f"the checkpoint's data-loader position (epoch {epoch}, cursor {cursor}) is invalid; the checkpoint is damaged")
+        self.epoch, self.cursor = epoch, cursor
+
+
+def validation_batches(
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    n_batches: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+) -> list[Batch]:
+    """This rank's share of the first n_batches * batch_size validation windows, in order and
+    unshuffled, so every evaluation scores the same text. With fewer windows, fewer batches (or
+    one smaller batch, still divisible by dp_size so every rank gets the same shapes)."""
+    mine = _rank_slice(batch_size, dp_rank, dp_size, "validation batch size")
+    available = count_windows(len(tokens), seq_len)
+    if available >= batch_size:
+        n_batches = max(1, min(n_batches, available // batch_size))
+    else:
+        batch_size = available - available % dp_size
+        if batch_size == 0:
+            raise UserError(
+                f"the validation split has {len(tokens)} tokens, not {dp_size} windows of model.seq_len + 1 = {seq_len + 1}; "
+                "add data or raise data.val_fraction"
+            )
+        n_batches = 1
+        mine = _rank_slice(batch_size, dp_rank, dp_size, "validation batch size")
+    batches = []
+    for index in range(n_batches):
+        ids = np.arange(index * batch_size, (index + 1) * batch_size)[mine]
+        batches.append(gather_windows(tokens, ids, seq_len))
+    return batches

@@ -1,0 +1,119 @@
+"""The model math: parameters and FLOPs of a ModelConfig, in one place.
+
+Every other part of Colossus (the model builder, the trainer's MFU, the planner, the ledger) gets
+these numbers from here and never re-derives them. Each function is a small, pure formula with its
+source; the model builder checks its own parameter count against `params_total`.
+
+Conventions
+- "Active" parameters are those one token touches: all non-expert weights plus `top_k` of the
+  `n_experts` expert FFNs (a dense model has n_experts = top_k = 1).
+- Model FLOPs per token follow PaLM (Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, with N the
+  active parameters, L layers, H query heads, Q head dim, T sequence length. Attention is counted over
+  the full T x T square, as PaLM and flop counters do, even though causal attention could skip half.
+- The exact count sums 2 m n k over every matmul of the forward pass and triples it for the
+  backward (Kaplan et al. 2020, section 2.1); it differs from the convention only by parameters that
+  are not matmul weights (norm scales, and the input embedding when it is not tied).
+"""
+
+from __future__ import annotations
+
+from colossus.config import ModelConfig
+
+# FFN weight matrices per expert: gated units (GeGLU, SwiGLU) have gate, up and down projections.
+_FFN_MATRICES = {"geglu": 3, "swiglu": 3, "gelu": 2}
+
+
+def attention_params(m: ModelConfig) -> int:
+    """Q and output projections (H*Q x d each) plus K and V (KV*Q x d each); no biases (Grok-1)."""
+    return 2 * m.d_model * m.n_heads * m.head_dim + 2 * m.d_model * m.n_kv_heads * m.head_dim
+
+
+def expert_params(m: ModelConfig) -> int:
+    """One FFN: 3 matrices d x ffn_dim for gated units, 2 for a plain GELU MLP; no biases."""
+    return _FFN_MATRICES[m.ffn_type] * m.d_model * m.ffn_dim
+
+
+def router_params(m: ModelConfig) -> int:
+    """The router is one d x n_experts matrix (Grok-1: no bias); a dense model has none."""
+    return m.d_model * m.n_experts if m.is_moe else 0
+
+
+def norm_params_per_layer(m: ModelConfig) -> int:
+    """RMSNorm scales: sandwich norm has 4 per block (before and after attention and FFN), pre-norm 2."""
+    return (4 if m.norm == "sandwich" else 2) * m.d_model
+
+
+def embedding_params(m: ModelConfig) -> int:
+    """Token embedding, plus a separate output matrix when the embeddings are not tied."""
+    return m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+
+
+def layer_params(m: ModelConfig, active: bool = False) -> int:
+    experts = min(m.top_k, m.n_experts) if active else m.n_experts
+    return attention_params(m) + experts * expert_params(m) + router_params(m) + norm_params_per_layer(m)
+
+
+def params_total(m: ModelConfig) -> int:
+    """Every parameter the model holds (what the builder allocates)."""
+    return m.n_layers * layer_params(m) + embedding_params(m) + m.d_model  # + final RMSNorm
+
+
+def params_active(m: ModelConfig) -> int:
+    """Parameters one token uses: the non-expert weights and top_k experts per layer."""
+    return m.n_layers * layer_params(m, active=True) + embedding_params(m) + m.d_model
+
+
+def attention_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
+    """12 L H Q T: QK^T and AV, 2 matmuls x 2 FLOPs x 3 (forward + backward) (PaLM, appendix B)."""
+    t = seq_len or m.seq_len
+    return 12.0 * m.n_layers * m.n_heads * m.head_dim * t
+
+
+def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
+    """Model FLOPs for one trained token (forward + backward): 6 N_active + 12 L H Q T (PaLM, app. B).
+    This is the number behind MFU, the planner and the ledger."""
+    return 6.0 * params_active(m) + attention_flops_per_token(m, seq_len)
+
+
+def forward_matmul_flops(m: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Forward FLOPs per token of each matmul (2 m n k / tokens), summed over layers."""
+    t = seq_len or m.seq_len
+    per_layer = {
+        "attn_qkv": 2.0 * m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim,
+        "attn_scores": 2.0 * m.n_heads * m.head_dim * t,
+        "attn_values": 2.0 * m.n_heads * m.head_dim * t,
+        "attn_out": 2.0 * m.n_heads * m.head_dim * m.d_model,
+        "router": 2.0 * router_params(m),
+        "ffn": 2.0 * min(m.top_k, m.n_experts) * expert_params(m),
+    }
+    flops = {name: m.n_layers * value for name, value in per_layer.items()}
+    flops["unembedding"] = 2.0 * m.d_model * m.vocab_size
+    return flops
+
+
+def exact_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward + backward matmul FLOPs: the backward does two matmuls per forward one (input and
+    weight gradients), so 3x the forward."""
+    return 3.0 * sum(forward_matmul_flops(m, seq_len).values())
+
+
+def hardware_flops_per_token(m: ModelConfig, recompute: str = "none", seq_len: int | None = None) -> float:
+    """FLOPs the hardware executes, counting activation recomputation: "full" reruns each block's
+    forward; "selective" reruns only attention's core (Korthikanti et al. 2022, section 5)."""
+    forward = forward_matmul_flops(m, seq_len)
+    extra = {
+        "none": 0.0,
+        "full": sum(v for k, v in forward.items() if k != "unembedding"),
+        "selective": forward["attn_scores"] + forward["attn_values"],
+    }[recompute]
+    return exact_flops_per_token(m, seq_len) + extra
+
+
+def summary(m: ModelConfig) -> dict[str, float | int | str]:
+    """The figures `colossus models` prints."""
+    return {
+        "name": m.name,
+        "params_total": params_total(m),
+        "params_active": params_active(m),
+        "flops_per_token": flops_per_token(m),
+    }

@@ -1,0 +1,219 @@
+"""A Grok-1-style transformer in plain PyTorch, in reading order: norm, rotary embeddings, attention,
+feed-forward, block, model. It knows nothing of parallelism; colossus.parallel wraps it from outside.
+
+Grok-1 (xai-org/grok-1, model.py): tied embeddings scaled by sqrt(d_model) on the way in and logits
+scaled by 1/sqrt(3) on the way out; grouped-query attention with RoPE, fp32 logits soft-capped at
+30*tanh(x/30); "sandwich" RMSNorms around both sublayers; a mixture of 8 GeGLU experts, top-2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colossus import modelmath
+from colossus.config import ModelConfig
+from colossus.models.moe import MoE, RouterStats, activation
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in fp32 whatever the activation dtype (Grok-1)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * base^(-2i/head_dim), [seq_len, head_dim], in the rotate-half layout
+    (the two halves of the head dim form the rotated pairs, as in Grok-1 and Llama)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [batch, heads, seq, head_dim] by position."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention: n_heads queries share n_kv_heads keys and values."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        # Head counts come from the weights, so a tensor-parallel shard (fewer local heads) runs as is.
+        q = self.wq(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.attn_softcap > 0:
+            out = softcapped_attention(q, k, v, cfg.attn_softcap)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float) -> torch.Tensor:
+    """Grok-1 attention core: fp32 logits / sqrt(head_dim), soft-capped to cap*tanh(x/cap), causal.
+    Both scales are applied to q, the small operand, rather than to the seq x seq logits."""
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    # Group the query heads that share a key/value head, so k and v are broadcast, not copied.
+    q = q.float().reshape(batch, kv_heads, heads // kv_heads * seq, head_dim) / (math.sqrt(head_dim) * cap)
+    logits = cap * torch.tanh(q @ k.float().transpose(-2, -1))
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    logits = logits.view(batch, kv_heads, -1, seq, seq).masked_fill(~causal, float("-inf"))
+    probs = logits.softmax(dim=-1).view(batch, kv_heads, -1, seq).to(v.dtype)
+    return (probs @ v).view(batch, heads, seq, head_dim)
+
+
+class FeedForward(nn.Module):
+    """Dense FFN: GeGLU/SwiGLU out(act(gate x) * up x), or a plain GELU MLP out(gelu(in x)); no biases."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn_type = cfg.ffn_type
+        self.w_in = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False) if cfg.ffn_type != "gelu" else None
+        self.w_out = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = activation(self.ffn_type, self.w_in(x))
+        if self.w_up is not None:
+            hidden = hidden * self.w_up(x)
+        return self.w_out(hidden)
+
+
+class Block(nn.Module):
+    """One transformer layer. "sandwich" (Grok-1): h += norm(attn(norm(h))); h += norm(ffn(norm(h))).
+    "pre" (Llama, GPT): h += attn(norm(h)); h += ffn(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        sandwich = cfg.norm == "sandwich"
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.post_attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if sandwich else nn.Identity()
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe else FeedForward(cfg)
+        self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if sandwich else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
+        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin))
+        ffn_out = self.ffn(self.ffn_norm(h))
+        stats = None
+        if isinstance(ffn_out, tuple):
+            ffn_out, stats = ffn_out
+        return h + self.post_ffn_norm(ffn_out), stats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # [batch, seq, vocab]; None when only the loss was asked for
+    loss: torch.Tensor | None  # cross-entropy + weighted MoE losses (what is backpropagated)
+    ce_loss: torch.Tensor | None  # cross-entropy alone (what is reported as "loss")
+    aux_loss: torch.Tensor | None  # mean over layers of the load-balancing loss (unweighted)
+    z_loss: torch.Tensor | None  # mean over layers of the router z-loss (unweighted)
+    expert_load: torch.Tensor | None  # [n_layers, n_experts] fraction of routed slots
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        counted = sum(p.numel() for p in self.parameters())
+        expected = modelmath.params_total(cfg)
+        assert counted == expected, f"model has {counted} parameters but modelmath says {expected}"
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Normal(0, init_std) weights from a generator seeded with `seed` (the same model whatever
+        else used the global RNG); output projections scaled by 1/sqrt(2 n_layers) so the residual
+        stream's variance does not grow with depth (GPT-2, Radford et al. 2019)."""
+        generator = torch.Generator(device=self.embedding.weight.device).manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        out_projections = {"wo", "w_out"}
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            else:
+                leaf = name.split(".")[-2] if name.endswith(".weight") else name.split(".")[-1]
+                nn.init.normal_(param, std=out_std if leaf in out_projections else std, generator=generator)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        cfg = self.cfg
+        seq = tokens.shape[1]
+        cos, sin = rope_tables(seq, cfg.head_dim, cfg.rope_base, tokens.device)
+        h = self.embedding(tokens) * cfg.embedding_multiplier
+        stats = []
+        for layer in self.layers:
+            h, layer_stats = layer(h, cos, sin)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        h = self.norm(h)
+        weight = self.embedding.weight if self.output is None else self.output.weight
+        logits = F.linear(h, weight) * cfg.output_multiplier
+
+        aux = z = load = None
+        if stats:
+            aux = torch.stack([s.aux_loss for s in stats]).mean()
+            z = torch.stack([s.z_loss for s in stats]).mean()
+            load = torch.stack([s.expert_load for s in stats])
+        if targets is None:
+            return ModelOutput(logits, None, None, aux, z, load)
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = ce
+        if stats:
+            loss = ce + cfg.moe_aux_loss_coef * aux + cfg.moe_z_loss_coef * z
+        return ModelOutput(logits, loss, ce.detach(), aux, z, load)
+
+    @torch.no_grad()
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+                 top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuations of [batch, seq] prompts (recomputes the context each step: small models only)."""
+        for _ in range(max_new_tokens):
+            context = tokens[:, -self.cfg.seq_len:]
+            logits = self(context).logits[:, -1, :].float() / max(temperature, 1e-5)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+            tokens = torch.cat([tokens, next_token], dim=1)
+        return tokens
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
+    """Build on `device`; on "meta" nothing is allocated (for planning and for sharded initialisation)."""
+    with torch.device(device):
+        model = Transformer(cfg)
+    if torch.device(device).type != "meta":
+        model.init_weights(seed)
+    return model

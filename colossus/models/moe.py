@@ -1,0 +1,121 @@
+"""Mixture of experts: a softmax router picks top_k of n_experts FFNs per token (Grok-1: 8, top-2).
+
+Tokens are sorted by expert and each expert's tokens go through one grouped matmul, so no Python loop
+runs over tokens and (on CPU, and on Hopper in bf16) none over experts. Expert weights are stacked
+as [n_experts, ...] tensors so expert parallelism can shard their first dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colossus.config import ModelConfig
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports besides its output."""
+
+    aux_loss: torch.Tensor  # load-balancing loss, unweighted (1.0 at perfect balance)
+    z_loss: torch.Tensor  # router z-loss, unweighted
+    expert_load: torch.Tensor  # fraction of routed token slots per expert, [n_experts], no grad
+
+
+def activation(ffn_type: str, gate: torch.Tensor) -> torch.Tensor:
+    # Grok-1 uses jax.nn.gelu, whose default is the tanh approximation.
+    return F.silu(gate) if ffn_type == "swiglu" else F.gelu(gate, approximate="tanh")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the CPU grouped matmul
+    rejects the zero-stride gradients that broadcasting ops (e.g. sum) hand back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    # The CUDA kernel needs Hopper (sm90+) and bf16 operands.
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """Rows group_ends[e-1]:group_ends[e] of x (sorted by expert) times weight[e]: [M, d] x [E, d, f] -> [M, f]."""
+    if _grouped_mm_supported(x):
+        return _ContiguousGrad.apply(torch._grouped_mm(x, weight, offs=group_ends.to(torch.int32)))
+    # Fallback: one matmul per expert (a host sync for the split sizes; no loop over tokens).
+    sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1)).tolist()
+    return torch.cat([chunk @ weight[e] for e, chunk in enumerate(torch.split(x, sizes))])
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, f, e = cfg.d_model, cfg.ffn_dim, cfg.n_experts
+        self.router = nn.Linear(d, e, bias=False)
+        gated = cfg.ffn_type in ("geglu", "swiglu")
+        # Stacked expert weights, laid out [experts, in, out] for the grouped matmul.
+        self.w_in = nn.Parameter(torch.empty(e, d, f))  # the gate projection when gated
+        self.w_up = nn.Parameter(torch.empty(e, d, f)) if gated else None
+        self.w_out = nn.Parameter(torch.empty(e, f, d))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
+        """Router in fp32 over all experts (Grok-1); returns gates [N, k], expert ids [N, k] and stats."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.router.weight.float())
+        probs = logits.softmax(dim=-1)
+        gates, experts = probs.topk(cfg.top_k, dim=-1)
+        if cfg.router_renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        # Fraction of the N*k routed slots that each expert receives.
+        slots = torch.zeros_like(probs).scatter_(1, experts, 1.0)
+        load = slots.mean(dim=0) / cfg.top_k
+        # Switch Transformer load-balancing loss: E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4).
+        aux_loss = cfg.n_experts * (load * probs.mean(dim=0)).sum()
+        # Router z-loss: mean squared log-partition (Zoph et al. 2022, ST-MoE, eq. 5).
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        return gates, experts, RouterStats(aux_loss, z_loss, load.detach())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        cfg = self.cfg
+        shape = x.shape
+        x = x.reshape(-1, cfg.d_model)
+        gates, experts, stats = self.route(x)
+
+        # Sort the N*k (token, expert) slots by expert; a stable sort keeps token order within an expert.
+        flat_experts = experts.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        token_of_slot = order // cfg.top_k
+        counts = torch.bincount(flat_experts, minlength=cfg.n_experts)
+        group_ends = torch.cumsum(counts, dim=0)
+        slot_gates = gates.reshape(-1)[order]
+        if cfg.capacity_factor > 0:
+            # Drop the slots past each expert's capacity (earliest tokens win), as GShard does.
+            capacity = math.ceil(cfg.capacity_factor * x.shape[0] * cfg.top_k / cfg.n_experts)
+            sorted_experts = flat_experts[order]
+            rank_in_expert = torch.arange(order.numel(), device=x.device) - (group_ends - counts)[sorted_experts]
+            slot_gates = slot_gates * (rank_in_expert < capacity)
+
+        tokens = x[token_of_slot]
+        hidden = activation(cfg.ffn_type, grouped_matmul(tokens, self.w_in, group_ends))
+        if self.w_up is not None:
+            hidden = hidden * grouped_matmul(tokens, self.w_up, group_ends)
+        expert_out = grouped_matmul(hidden, self.w_out, group_ends)
+        weighted = expert_out * slot_gates.unsqueeze(-1).to(expert_out.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of_slot, weighted)
+        return out.reshape(shape), stats

@@ -1,0 +1,1 @@
+"""Planning: hardware catalog, cluster presets and the analytical cost model."""

@@ -1,0 +1,77 @@
+"""Where a run's numbers go: RUN/metrics.jsonl (one object per logged step), RUN/events.jsonl
+(starts, resumes, checkpoints), TensorBoard under RUN/tb, and a live line on the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one line and flush it to disk at once, so a killed run keeps every line it logged."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class MetricsLogger:
+    """Only rank 0 of a distributed run should build one."""
+
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, console: Console | None = None):
+        self.run_dir = run_dir
+        self.total_steps = total_steps
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: slow, so only when asked
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def event(self, kind: str, **fields: Any) -> None:
+        append_jsonl(self.run_dir / "events.jsonl", {"event": kind, "time": time.time(), **fields})
+
+    def print(self, text: str) -> None:
+        self.console.print(text)
+
+    def log_step(self, record: dict[str, Any], eta_s: float) -> None:
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        step = record["step"]
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "aux_loss", "z_loss"):
+                if record.get(key) is not None:
+                    self.writer.add_scalar(f"train/{key}", record[key], step)
+            if record.get("expert_load"):
+                # Mean over layers of each expert's share of routed tokens (1/n_experts when balanced).
+                layers = record["expert_load"]
+                for expert in range(len(layers[0])):
+                    share = sum(layer[expert] for layer in layers) / len(layers)
+                    self.writer.add_scalar(f"moe/expert_{expert}_load", share, step)
+        mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "n/a"
+        self.console.print(
+            f"step {step:>6}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
+            f"ETA {format_duration(eta_s)}"
+        )
+
+    def log_validation(self, step: int, val_loss: float, elapsed_s: float) -> None:
+        append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, "val_loss": val_loss, "elapsed_s": elapsed_s})
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", val_loss, step)
+        self.console.print(f"step {step:>6}/{self.total_steps} | [bold]val_loss {val_loss:.4f}[/bold]")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,306 @@
+"""The training loop, top to bottom: set up, resume, then step / log / validate / checkpoint.
+
+Everything with state (model, optimizer, schedule, data loader, progress counters, RNG) is saved in
+every checkpoint, so a run killed at any point and started again with the same command continues
+with exactly the batches and numbers the uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from colossus import modelmath
+from colossus.config import RunConfig, TrainConfig, config_to_dict, config_to_toml
+from colossus.data import TokenLoader, prepare_tokens, validation_batches
+from colossus.data.cache import cache_root
+from colossus.errors import UserError
+from colossus.models import Transformer, build_model
+from colossus.train.checkpoint import Checkpointer
+from colossus.train.metrics import MetricsLogger
+from colossus.train.optim import build_optimizer, build_scheduler
+from colossus.train.peak import device_peak_flops
+
+
+@dataclass
+class Progress:
+    """Counters that survive restarts (saved in every checkpoint)."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0  # training wall time summed over all segments of the run
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.elapsed_s = int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
+
+
+@dataclass
+class TrainingState:
+    """The one Stateful object handed to DCP: it gathers every component's state."""
+
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: TokenLoader
+    progress: Progress = field(default_factory=Progress)
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {
+            "model": model_state,
+            "optimizer": optim_state,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "progress": self.progress.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.progress.load_state_dict(state["progress"])
+        torch.set_rng_state(state["rng"])
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean cross-entropy over the step's sequences (a 0-d tensor: no host sync)
+    grad_norm: torch.Tensor
+    aux_loss: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    expert_load: torch.Tensor | None  # [n_layers, n_experts]
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def set_threads(cfg: TrainConfig) -> None:
+    """Give each process on a machine its share of the cores, so ranks do not oversubscribe them."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_ranks > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               inputs: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, device: torch.device) -> StepResult:
+    """One optimizer step over this rank's share of the global batch, in micro-batches."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    n_micro = inputs.shape[0] // cfg.micro_batch if inputs.shape[0] >= cfg.micro_batch else 1
+    loss_sum = aux_sum = z_sum = load_sum = None
+    for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = model(x, y)
+        (out.loss / n_micro).backward()
+        loss_sum = out.ce_loss if loss_sum is None else loss_sum + out.ce_loss
+        if out.aux_loss is not None:
+            aux_sum = out.aux_loss.detach() if aux_sum is None else aux_sum + out.aux_loss.detach()
+            z_sum = out.z_loss.detach() if z_sum is None else z_sum + out.z_loss.detach()
+            load_sum = out.expert_load if load_sum is None else load_sum + out.expert_load
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    mean = (lambda t: None if t is None else t / n_micro)
+    return StepResult(loss_sum / n_micro, grad_norm, mean(aux_sum), mean(z_sum), mean(load_sum))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    losses = []
+    for x, y in batches:
+        with autocast:
+            losses.append(model(x.to(device), y.to(device)).ce_loss)
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy of the validation tokens under the training set's token frequencies (add-one
+    smoothed): the loss of a model that learned nothing but how often each token occurs."""
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[val_tokens].mean())
+
+
+def check_run_folder(out: Path, config: RunConfig) -> None:
+    """Refuse, before anything is written, to resume a run folder trained with another model or data."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    saved = out / "config.toml"
+    if not saved.is_file():
+        return
+    import tomllib
+
+    try:
+        previous = tomllib.loads(saved.read_text())
+    except (tomllib.TOMLDecodeError, OSError) as exc:
+        raise UserError(f"{saved} is unreadable ({exc}); fix it or train into a new --out folder") from None
+    current = config_to_dict(config)
+    for section in ("model", "data"):
+        if previous.get(section) != current[section]:
+            changed = sorted(k for k in current[section] if previous.get(section, {}).get(k) != current[section][k])
+            raise UserError(
+                f"{out} holds a run with a different [{section}] ({', '.join(f'{section}.{k}' for k in changed)}); "
+                "use the same config to resume, or a new --out folder"
+            )
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
+    """Train (or resume) the run in folder `out`; returns the run summary (also saved as summary.json)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("this trainer runs one process; launch it without torchrun or with --nproc-per-node 1")
+    out = Path(out)
+    tcfg, mcfg = config.train, config.model
+    check_run_folder(out, config)
+
+    # --- set up: device, data, model, optimizer, loader (nothing is written to the run folder yet)
+    device = pick_device(tcfg)
+    set_threads(tcfg)
+    data = prepare_tokens(config.data, mcfg.vocab_size, mcfg.seq_len)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(mcfg, device, seed=tcfg.seed)
+    if tcfg.compile:
+        for layer in model.layers:
+            layer.compile()
+    optimizer = build_optimizer(model, tcfg, device)
+    scheduler = build_scheduler(optimizer, tcfg)
+    loader = TokenLoader(data.train, mcfg.seq_len, tcfg.global_batch, seed=tcfg.seed)
+    state = TrainingState(model, optimizer, scheduler, loader)
+    checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep)
+
+    # --- resume from the newest intact checkpoint, if any; only then touch the run folder
+    resumed_from = checkpointer.load_latest({"train": state}, warn=lambda text: print(f"warning: {text}"))
+    progress = state.progress
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.toml", config_to_toml(config))
+    logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard)
+    if resumed_from is not None:
+        logger.event("resume", step=resumed_from)
+        logger.print(f"resumed {out} from step {resumed_from}")
+    else:
+        logger.event("start", step=0)
+
+    flops_per_token = modelmath.flops_per_token(mcfg)
+    peak = device_peak_flops(device, cache_root(config.data))
+    val_batches = validation_batches(data.val, mcfg.seq_len, tcfg.micro_batch, config.eval.batches)
+    baseline = unigram_loss(data.train, data.val, mcfg.vocab_size)
+    logger.print(
+        f"model {mcfg.name}: {modelmath.params_total(mcfg) / 1e6:.1f}M parameters "
+        f"({modelmath.params_active(mcfg) / 1e6:.1f}M active), {flops_per_token / 1e6:.1f} MFLOP/token | "
+        f"data: {len(data.train):,} train / {len(data.val):,} val tokens ({data.tokenizer.name}) | "
+        f"device {device}, {torch.get_num_threads()} threads | unigram val loss {baseline:.3f}"
+    )
+
+    # --- the loop: the host reads tensors back (.item()) only on logging steps
+    tokens_per_step = tcfg.global_batch * mcfg.seq_len
+    segment_start, elapsed_before = time.perf_counter(), progress.elapsed_s
+    window_start, window_steps = segment_start, 0  # throughput window: training steps only
+    val_loss = None
+    model.train()
+    try:
+        while progress.step < tcfg.steps:
+            lr = scheduler.get_last_lr()[0]
+            inputs, targets = loader.next_batch()
+            result = train_step(model, optimizer, scheduler, inputs, targets, tcfg, device)
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            progress.elapsed_s = elapsed_before + time.perf_counter() - segment_start
+            window_steps += 1
+            last = progress.step == tcfg.steps
+
+            if progress.step % config.log.interval == 0 or last:
+                step_time = (time.perf_counter() - window_start) / window_steps
+                tokens_per_s = tokens_per_step / step_time
+                record = {
+                    "step": progress.step,
+                    "loss": result.loss.item(),
+                    "lr": lr,
+                    "grad_norm": result.grad_norm.item(),
+                    "tokens": progress.tokens,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * flops_per_token / peak if peak else None,
+                    "elapsed_s": progress.elapsed_s,
+                    "step_time_s": step_time,
+                }
+                if result.aux_loss is not None:
+                    record["aux_loss"] = result.aux_loss.item()
+                    record["z_loss"] = result.z_loss.item()
+                    record["expert_load"] = [[round(v, 4) for v in row] for row in result.expert_load.tolist()]
+                logger.log_step(record, eta_s=(tcfg.steps - progress.step) * step_time)
+                window_start, window_steps = time.perf_counter(), 0
+
+            if progress.step % config.eval.interval == 0 or last:
+                val_loss = evaluate(model, val_batches, device)
+                logger.log_validation(progress.step, val_loss, progress.elapsed_s)
+
+            if progress.step % config.checkpoint.interval == 0 or last:
+                path = checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
+                logger.event("checkpoint", step=progress.step, path=str(path))
+
+            if window_steps == 0 or progress.step % config.eval.interval == 0 or progress.step % config.checkpoint.interval == 0:
+                window_start, window_steps = time.perf_counter(), 0  # validation and saving are not throughput
+    finally:
+        logger.close()
+
+    summary = {
+        "step": progress.step,
+        "tokens": progress.tokens,
+        "val_loss": val_loss,
+        "unigram_val_loss": baseline,
+        "elapsed_s": progress.elapsed_s,
+        "params_total": modelmath.params_total(mcfg),
+        "params_active": modelmath.params_active(mcfg),
+        "flops_per_token": flops_per_token,
+    }
+    if config.eval.sample_tokens > 0:
+        summary["sample"] = sample_text(model, data.tokenizer, config, device)
+        logger.print(f"sample:\n{summary['sample']}")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def sample_text(model: Transformer, tokenizer, config: RunConfig, device: torch.device) -> str:
+    """A short generation from the trained model, seeded so it is the same every time."""
+    prompt = tokenizer.encode(config.eval.sample_prompt) or [tokenizer.eos_id]
+    generator = torch.Generator(device=device).manual_seed(config.train.seed)
+    tokens = torch.tensor([prompt], device=device)
+    model.eval()
+    generated = model.generate(tokens, config.eval.sample_tokens, generator=generator)
+    return tokenizer.decode(generated[0].tolist())
+
+
+def _config_hash(config: RunConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(config_to_toml(config).encode()).hexdigest()[:16]

@@ -1,0 +1,55 @@
+"""Shared fixtures: a small real text corpus and a model small enough to train in seconds."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colossus.config import RunConfig, config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 1 MB of real Python source copied from the standard library (a fixed list of modules)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = ["argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "csv.py", "dataclasses.py",
+             "difflib.py", "enum.py", "fractions.py", "functools.py", "heapq.py", "inspect.py", "json/decoder.py",
+             "json/encoder.py", "locale.py", "pathlib.py", "pprint.py", "random.py", "shutil.py", "statistics.py",
+             "string.py", "textwrap.py", "typing.py", "uuid.py", "warnings.py", "zipfile.py"]
+    for name in names:
+        shutil.copy(stdlib / name, folder / name.replace("/", "_"))
+    return folder
+
+
+def small_tables(corpus_dir: Path, cache_dir: Path, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """TOML-shaped tables for a ~100K-parameter MoE (4 experts, top-2) on the small corpus."""
+    tables: dict[str, dict[str, Any]] = {
+        "model": dict(name="micro", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+                      n_experts=4, top_k=2, vocab_size=256, seq_len=64, embedding_multiplier=8.0),
+        "data": dict(source=str(corpus_dir), cache_dir=str(cache_dir), val_fraction=0.1),
+        "train": dict(steps=12, global_batch=8, micro_batch=4, lr=3e-3, warmup_steps=2, threads=1),
+        "checkpoint": dict(interval=4, keep=2),
+        "eval": dict(interval=6, batches=2, sample_tokens=8),
+        "log": dict(interval=2, tensorboard=True),
+    }
+    for name, values in sections.items():
+        tables.setdefault(name, {}).update(values)
+    return tables
+
+
+def small_config(corpus_dir: Path, cache_dir: Path, **sections: dict[str, Any]) -> RunConfig:
+    return config_from_dict(small_tables(corpus_dir, cache_dir, **sections))
+
+
+def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(tables))
+    return path
