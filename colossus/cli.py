@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from colossus.config import load_config
-    from colossus.train.trainer import train
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     config = load_config(args.config, overrides)
+    from colossus.train.trainer import train  # torch loads only once the config is known to be good
+
     out = Path(args.out) if args.out else Path("runs") / config.model.name
     summary = train(config, out)
     print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "

@@ -128,6 +128,11 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _printable(text: str) -> str:
+    """User text for a one-line message: as typed when printable, else its repr (no raw newlines)."""
+    return text if text.isprintable() else repr(text)
+
+
 def _coerce(where: str, value: Any, kind: type) -> Any:
     """Check one value against its declared type; ints are accepted where floats are expected."""
     ok = {
@@ -137,7 +142,7 @@ def _coerce(where: str, value: Any, kind: type) -> Any:
         str: isinstance(value, str),
     }[kind]
     if not ok:
-        shown = f"'{value}'" if isinstance(value, str) else repr(value)
+        shown = f"'{value}'" if isinstance(value, str) and value.isprintable() else repr(value)
         raise UserError(
             f"config key {where} must be {_KIND_NAMES[kind]}, got {shown} ({type(value).__name__})"
         )
@@ -154,7 +159,7 @@ def _build_section(name: str, values: dict[str, Any], base: Any) -> Any:
     updates = {}
     for key, value in values.items():
         if key not in hints:
-            raise UserError(f"unknown config key {name}.{key}{_suggest(key, known)}; known keys: {', '.join(known)}")
+            raise UserError(f"unknown config key {name}.{_printable(key)}{_suggest(key, known)}; known keys: {', '.join(known)}")
         updates[key] = _coerce(f"{name}.{key}", value, hints[key])
     return dataclasses.replace(base, **updates)
 
@@ -181,7 +186,7 @@ def config_from_dict(tables: dict[str, Any]) -> RunConfig:
     config = RunConfig()
     for name, values in tables.items():
         if name not in SECTIONS:
-            raise UserError(f"unknown config section [{name}]{_suggest(name, list(SECTIONS))}; known: {', '.join(SECTIONS)}")
+            raise UserError(f"unknown config section [{_printable(name)}]{_suggest(name, list(SECTIONS))}; known: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise UserError(f"config section [{name}] must be a table of keys, got {values!r}")
         values = dict(values)
@@ -250,11 +255,15 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("attn_softcap", "moe_aux_loss_coef", "moe_z_loss_coef", "capacity_factor"):
         if getattr(m, key) < 0:
             raise UserError(f"config key model.{key} must be >= 0, got {getattr(m, key)}")
-    if not math.isfinite(m.embedding_multiplier) or not math.isfinite(m.output_multiplier):
-        raise UserError("model.embedding_multiplier and model.output_multiplier must be finite numbers")
 
 
 def validate(config: RunConfig) -> None:
+    for section in SECTIONS:
+        table = getattr(config, section)
+        for f in dataclasses.fields(table):
+            value = getattr(table, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"config key {section}.{f.name} must be a finite number, got {value}")
     validate_model(config.model)
     t = config.train
     for key in ("steps", "global_batch", "micro_batch", "lr"):

@@ -1,6 +1,3 @@
-"""Model definitions: the Grok-style transformer, its mixture-of-experts layer and named presets."""
-
-from colossus.models.grok import ModelOutput, Transformer, build_model
-from colossus.models.presets import PRESETS, get_preset
-
-__all__ = ["ModelOutput", "Transformer", "build_model", "PRESETS", "get_preset"]
+"""Model definitions: grok.py (the Grok-style transformer), moe.py (its mixture-of-experts layer) and
+presets.py (named sizes). Import from those modules; this package imports nothing, so reading a
+config (which needs only the presets) does not load torch."""

@@ -44,8 +44,11 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    # torch._grouped_mm needs every operand's row stride to be a multiple of 16 bytes.
+    if any(t.shape[-1] * t.element_size() % 16 for t in (x, weight)):
         return False
     if x.device.type == "cpu":
         return True
@@ -55,7 +58,7 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """Rows group_ends[e-1]:group_ends[e] of x (sorted by expert) times weight[e]: [M, d] x [E, d, f] -> [M, f]."""
-    if _grouped_mm_supported(x):
+    if _grouped_mm_supported(x, weight):
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight, offs=group_ends.to(torch.int32)))
     # Fallback: one matmul per expert (a host sync for the split sizes; no loop over tokens).
     sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1)).tolist()

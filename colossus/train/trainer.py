@@ -25,7 +25,7 @@ from colossus.config import RunConfig, TrainConfig, config_to_dict, config_to_to
 from colossus.data import TokenLoader, prepare_tokens, validation_batches
 from colossus.data.cache import cache_root
 from colossus.errors import UserError
-from colossus.models import Transformer, build_model
+from colossus.models.grok import Transformer, build_model
 from colossus.train.checkpoint import Checkpointer
 from colossus.train.metrics import MetricsLogger
 from colossus.train.optim import build_optimizer, build_scheduler
