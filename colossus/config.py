@@ -70,12 +70,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch: int = 16  # sequences per forward/backward; the rest is gradient accumulation
-    lr: float = 3e-3
+    steps: int = 150
+    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 8  # sequences per forward/backward; the rest is gradient accumulation
+    lr: float = 6e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -88,13 +88,13 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 100  # steps between checkpoints; a final one is always written
+    interval: int = 50  # steps between checkpoints; a final one is always written
     keep: int = 3  # complete checkpoints to keep (the newest is never deleted)
 
 
 @dataclass
 class EvalConfig:
-    interval: int = 100  # steps between validation passes; one is always run at the end
+    interval: int = 50  # steps between validation passes; one is always run at the end
     batches: int = 8  # validation batches of train.micro_batch sequences
     sample_tokens: int = 200  # tokens generated at the end of the run (0 = none)
     sample_prompt: str = "def "

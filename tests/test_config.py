@@ -410,3 +410,10 @@ def test_model_config_is_moe():
     assert ModelConfig(n_experts=8).is_moe
     assert not ModelConfig(n_experts=1, top_k=1).is_moe
     assert dataclasses.replace(ModelConfig(), n_experts=2).is_moe
+
+
+def test_shipped_tiny_config_is_the_default_run() -> None:
+    """configs/tiny.toml writes out exactly what `colossus train` does with no arguments."""
+    from conftest import REPO
+
+    assert load_config(REPO / "configs" / "tiny.toml") == load_config(None)

@@ -7,10 +7,12 @@ with exactly the batches and numbers the uninterrupted run would have produced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
+import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,8 +156,6 @@ def check_run_folder(out: Path, config: RunConfig) -> None:
     saved = out / "config.toml"
     if not saved.is_file():
         return
-    import tomllib
-
     try:
         previous = tomllib.loads(saved.read_text())
     except (tomllib.TOMLDecodeError, OSError) as exc:
@@ -260,16 +260,19 @@ def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
                 logger.log_step(record, eta_s=(tcfg.steps - progress.step) * step_time)
                 window_start, window_steps = time.perf_counter(), 0
 
+            paused = False  # validation and saving are not training throughput
             if progress.step % config.eval.interval == 0 or last:
                 val_loss = evaluate(model, val_batches, device)
                 logger.log_validation(progress.step, val_loss, progress.elapsed_s)
+                paused = True
 
             if progress.step % config.checkpoint.interval == 0 or last:
                 path = checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
                 logger.event("checkpoint", step=progress.step, path=str(path))
+                paused = True
 
-            if window_steps == 0 or progress.step % config.eval.interval == 0 or progress.step % config.checkpoint.interval == 0:
-                window_start, window_steps = time.perf_counter(), 0  # validation and saving are not throughput
+            if paused:
+                window_start, window_steps = time.perf_counter(), 0
     finally:
         logger.close()
 
@@ -301,6 +304,4 @@ def sample_text(model: Transformer, tokenizer, config: RunConfig, device: torch.
 
 
 def _config_hash(config: RunConfig) -> str:
-    import hashlib
-
     return hashlib.sha256(config_to_toml(config).encode()).hexdigest()[:16]
