@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / config.model.name
     summary = train(config, out)
-    print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "
           f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {out}")
     return 0
 

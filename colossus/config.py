@@ -107,6 +107,21 @@ class LogConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The parallel layout. World size = dp_replicate * dp_shard * tp * ep. Expert parallelism is
+    folded into data parallelism (as torchtitan and Megatron do): the ep ranks read different data,
+    hold n_experts / ep experts each, and shard the non-expert weights with the dp_shard ranks."""
+
+    dp_replicate: int = 1  # replicas (HSDP's outer dimension; plain DDP-like when dp_shard = 1)
+    dp_shard: int = -1  # FSDP ranks; -1 = whatever is left of the world size
+    tp: int = 1  # tensor (and sequence) parallel ranks, inside a node
+    ep: int = 1  # expert-parallel ranks
+    reshard_after_forward: bool = True  # FSDP frees gathered weights after forward (ZeRO-3) or keeps them (ZeRO-2)
+    activation_checkpoint: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th block)
+    ac_every: int = 2
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -114,6 +129,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -286,5 +302,12 @@ def validate(config: RunConfig) -> None:
     if config.eval.sample_tokens < 0:
         raise UserError(f"eval.sample_tokens must be >= 0, got {config.eval.sample_tokens}")
     _positive("log.interval", config.log.interval)
+    p = config.parallel
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise UserError(f"parallel.dp_shard must be -1 (the rest of the world size) or positive, got {p.dp_shard}")
+    for key in ("dp_replicate", "tp", "ep", "ac_every"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    if p.activation_checkpoint not in ("none", "full", "selective"):
+        raise UserError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} is not one of none, full, selective")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")

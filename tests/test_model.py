@@ -76,14 +76,14 @@ def naive_attention(q, k, v, cap: float | None) -> torch.Tensor:
 def naive_expert(moe: MoE, x: torch.Tensor, e: int) -> torch.Tensor:
     """One expert FFN on one token vector, from the layer's stacked weights, with plain matmuls."""
     kind = moe.cfg.ffn_type
-    gate = x @ moe.w_in[e]
+    gate = x @ moe.experts.w_in[e]
     if kind == "geglu":
-        hidden = gelu_tanh(gate) * (x @ moe.w_up[e])
+        hidden = gelu_tanh(gate) * (x @ moe.experts.w_up[e])
     elif kind == "swiglu":
-        hidden = silu(gate) * (x @ moe.w_up[e])
+        hidden = silu(gate) * (x @ moe.experts.w_up[e])
     else:
         hidden = gelu_tanh(gate)
-    return hidden @ moe.w_out[e]
+    return hidden @ moe.experts.w_out[e]
 
 
 def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
@@ -113,7 +113,7 @@ def make_moe(c: ModelConfig, seed: int = 0, router_std: float = 1.0) -> MoE:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         moe.router.weight.normal_(0, router_std, generator=g)
-        for p in (moe.w_in, moe.w_up, moe.w_out):
+        for p in (moe.experts.w_in, moe.experts.w_up, moe.experts.w_out):
             if p is not None:
                 p.normal_(0, 0.3, generator=g)
     return moe
@@ -484,7 +484,7 @@ def test_moe_gradients_match_naive_reference(loss_kind):
     moe = make_moe(c, seed=3)
     x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
     weights = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
-    params = [x, moe.router.weight, moe.w_in, moe.w_up, moe.w_out]
+    params = [x, moe.router.weight, moe.experts.w_in, moe.experts.w_up, moe.experts.w_out]
 
     def loss_of(out):
         return (out * weights).sum() if loss_kind == "weighted" else out.sum()
@@ -740,6 +740,6 @@ def test_init_statistics():
     assert model.embedding.weight.mean().abs().item() < 1e-3
     assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(0.01, rel=0.1)
-    assert model.layers[1].ffn.w_out.std().item() == pytest.approx(0.01, rel=0.05)
-    assert model.layers[1].ffn.w_in.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[1].ffn.experts.w_out.std().item() == pytest.approx(0.01, rel=0.05)
+    assert model.layers[1].ffn.experts.w_in.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.layers[1].ffn.router.weight.std().item() == pytest.approx(0.02, rel=0.15)

@@ -65,17 +65,40 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
     return torch.cat([chunk @ weight[e] for e, chunk in enumerate(torch.split(x, sizes))])
 
 
+def local_shard(weight: torch.Tensor) -> torch.Tensor:
+    """The part of a weight this rank computes with: expert or tensor parallelism turns expert
+    weights into DTensors, and the grouped matmul runs on their local shard."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
+
+
+class GroupedExperts(nn.Module):
+    """n_experts FFNs as stacked weights [experts, in, out]; computes tokens already sorted by expert.
+    Expert parallelism wraps this module from outside (colossus.parallel) to send each token to the
+    rank that holds its expert, so its first dimension is what gets sharded."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn_type = cfg.ffn_type
+        d, f, e = cfg.d_model, cfg.ffn_dim, cfg.n_experts
+        self.w_in = nn.Parameter(torch.empty(e, d, f))  # the gate projection when gated
+        self.w_up = nn.Parameter(torch.empty(e, d, f)) if cfg.ffn_type in ("geglu", "swiglu") else None
+        self.w_out = nn.Parameter(torch.empty(e, f, d))
+
+    def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """tokens [M, d] sorted by expert, counts [experts] tokens per expert -> [M, d]."""
+        group_ends = torch.cumsum(counts, dim=0)
+        hidden = activation(self.ffn_type, grouped_matmul(tokens, local_shard(self.w_in), group_ends))
+        if self.w_up is not None:
+            hidden = hidden * grouped_matmul(tokens, local_shard(self.w_up), group_ends)
+        return grouped_matmul(hidden, local_shard(self.w_out), group_ends)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        d, f, e = cfg.d_model, cfg.ffn_dim, cfg.n_experts
-        self.router = nn.Linear(d, e, bias=False)
-        gated = cfg.ffn_type in ("geglu", "swiglu")
-        # Stacked expert weights, laid out [experts, in, out] for the grouped matmul.
-        self.w_in = nn.Parameter(torch.empty(e, d, f))  # the gate projection when gated
-        self.w_up = nn.Parameter(torch.empty(e, d, f)) if gated else None
-        self.w_out = nn.Parameter(torch.empty(e, f, d))
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = GroupedExperts(cfg)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
         """Router in fp32 over all experts (Grok-1); returns gates [N, k], expert ids [N, k] and stats."""
@@ -105,20 +128,16 @@ class MoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         token_of_slot = order // cfg.top_k
         counts = torch.bincount(flat_experts, minlength=cfg.n_experts)
-        group_ends = torch.cumsum(counts, dim=0)
         slot_gates = gates.reshape(-1)[order]
         if cfg.capacity_factor > 0:
             # Drop the slots past each expert's capacity (earliest tokens win), as GShard does.
             capacity = math.ceil(cfg.capacity_factor * x.shape[0] * cfg.top_k / cfg.n_experts)
             sorted_experts = flat_experts[order]
-            rank_in_expert = torch.arange(order.numel(), device=x.device) - (group_ends - counts)[sorted_experts]
+            group_starts = torch.cumsum(counts, dim=0) - counts
+            rank_in_expert = torch.arange(order.numel(), device=x.device) - group_starts[sorted_experts]
             slot_gates = slot_gates * (rank_in_expert < capacity)
 
-        tokens = x[token_of_slot]
-        hidden = activation(cfg.ffn_type, grouped_matmul(tokens, self.w_in, group_ends))
-        if self.w_up is not None:
-            hidden = hidden * grouped_matmul(tokens, self.w_up, group_ends)
-        expert_out = grouped_matmul(hidden, self.w_out, group_ends)
+        expert_out = self.experts(x[token_of_slot], counts)
         weighted = expert_out * slot_gates.unsqueeze(-1).to(expert_out.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of_slot, weighted)
         return out.reshape(shape), stats

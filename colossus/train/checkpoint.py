@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from colossus.errors import UserError
@@ -65,6 +66,11 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 @contextmanager
 def _single_process_quiet() -> Iterator[None]:
     """DCP warns on every call without a process group; one process is a supported case here."""
@@ -99,20 +105,26 @@ class Checkpointer:
         return sorted(found, reverse=True)
 
     def save(self, step: int, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        """Write `state` (a DCP state dict; Stateful values are asked for their state) as step-N."""
+        """Write `state` (a DCP state dict; Stateful values are asked for their state) as step-N.
+        Every rank writes its shards; rank 0 then commits (manifest, marker, rename) alone."""
         final = self.folder / f"step-{step}"
         partial = self.folder / f".step-{step}.partial"
-        if partial.exists():
-            shutil.rmtree(partial)  # our own leftover from a crashed save of this step
-        partial.mkdir(parents=True)
+        coordinator = not dist.is_initialized() or dist.get_rank() == 0
+        if coordinator:
+            if partial.exists():
+                shutil.rmtree(partial)  # our own leftover from a crashed save of this step
+            partial.mkdir(parents=True)
+        _barrier()
         with _single_process_quiet():
-            dcp.save(state, checkpoint_id=str(partial))
-        write_manifest(partial, step, extra or {})
-        _write_atomic(partial / COMMITTED, f"{step}\n")
-        if final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        self._prune()
+            dcp.save(state, checkpoint_id=str(partial))  # returns once every rank's files are written
+        if coordinator:
+            write_manifest(partial, step, extra or {})
+            _write_atomic(partial / COMMITTED, f"{step}\n")
+            if final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune()
+        _barrier()
         return final
 
     def _prune(self) -> None:

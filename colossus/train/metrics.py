@@ -28,25 +28,31 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Only rank 0 of a distributed run should build one."""
+    """Writes only where `enabled` (rank 0 of a distributed run), so every rank can call it alike."""
 
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, console: Console | None = None):
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, console: Console | None = None,
+                 enabled: bool = True):
         self.run_dir = run_dir
         self.total_steps = total_steps
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.enabled = enabled
+        self.console = console or Console(highlight=False, soft_wrap=True, quiet=not enabled)
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: slow, so only when asked
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
 
     def event(self, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
         append_jsonl(self.run_dir / "events.jsonl", {"event": kind, "time": time.time(), **fields})
 
     def print(self, text: str) -> None:
         self.console.print(text)
 
     def log_step(self, record: dict[str, Any], eta_s: float) -> None:
+        if not self.enabled:
+            return
         append_jsonl(self.run_dir / "metrics.jsonl", record)
         step = record["step"]
         if self.writer is not None:
@@ -67,6 +73,8 @@ class MetricsLogger:
         )
 
     def log_validation(self, step: int, val_loss: float, elapsed_s: float) -> None:
+        if not self.enabled:
+            return
         append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, "val_loss": val_loss, "elapsed_s": elapsed_s})
         if self.writer is not None:
             self.writer.add_scalar("val/loss", val_loss, step)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import tomllib
@@ -28,6 +27,8 @@ from colossus.data import TokenLoader, prepare_tokens, validation_batches
 from colossus.data.cache import cache_root
 from colossus.errors import UserError
 from colossus.models.grok import Transformer, build_model
+from colossus.parallel.parallelize import clip_grad_norm, parallelize
+from colossus.parallel.runtime import Runtime, setup_runtime
 from colossus.train.checkpoint import Checkpointer
 from colossus.train.metrics import MetricsLogger
 from colossus.train.optim import build_optimizer, build_scheduler
@@ -87,14 +88,6 @@ class StepResult:
     expert_load: torch.Tensor | None  # [n_layers, n_experts]
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def set_threads(cfg: TrainConfig) -> None:
     """Give each process on a machine its share of the cores, so ranks do not oversubscribe them."""
     if cfg.threads > 0:
@@ -121,7 +114,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: 
             aux_sum = out.aux_loss.detach() if aux_sum is None else aux_sum + out.aux_loss.detach()
             z_sum = out.z_loss.detach() if z_sum is None else z_sum + out.z_loss.detach()
             load_sum = out.expert_load if load_sum is None else load_sum + out.expert_load
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
@@ -130,7 +123,9 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: 
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> float:
+    """Mean validation loss over this rank's share of the fixed validation batches, averaged over ranks."""
+    device = runtime.device
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     losses = []
@@ -138,7 +133,7 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]
         with autocast:
             losses.append(model(x.to(device), y.to(device)).ce_loss)
     model.train()
-    return torch.stack(losses).mean().item()
+    return runtime.dp_mean(torch.stack(losses).mean()).item()
 
 
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
@@ -178,33 +173,41 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in folder `out`; returns the run summary (also saved as summary.json)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("this trainer runs one process; launch it without torchrun or with --nproc-per-node 1")
     out = Path(out)
-    tcfg, mcfg = config.train, config.model
     check_run_folder(out, config)
+    runtime = setup_runtime(config)  # layout checked against world size and model before any build
+    try:
+        return _train(config, out, runtime)
+    finally:
+        runtime.close()
 
-    # --- set up: device, data, model, optimizer, loader (nothing is written to the run folder yet)
-    device = pick_device(tcfg)
+
+def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
+    tcfg, mcfg = config.train, config.model
+    device, layout = runtime.device, runtime.layout
+
+    # --- set up: data, model, parallelism, optimizer, loader (nothing is written to the run folder yet)
     set_threads(tcfg)
     data = prepare_tokens(config.data, mcfg.vocab_size, mcfg.seq_len)
     torch.manual_seed(tcfg.seed)
+    # Every rank builds the full model from the same seed, then keeps its shards: the weights are the
+    # same whatever the layout. (Very large models will need meta-device initialisation instead.)
     model = build_model(mcfg, device, seed=tcfg.seed)
-    if tcfg.compile:
-        for layer in model.layers:
-            layer.compile()
+    parallelize(model, layout, runtime.mesh, config.parallel, tcfg, device)
     optimizer = build_optimizer(model, tcfg, device)
     scheduler = build_scheduler(optimizer, tcfg)
-    loader = TokenLoader(data.train, mcfg.seq_len, tcfg.global_batch, seed=tcfg.seed)
+    loader = TokenLoader(data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp, tcfg.seed)
     state = TrainingState(model, optimizer, scheduler, loader)
     checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep)
 
     # --- resume from the newest intact checkpoint, if any; only then touch the run folder
-    resumed_from = checkpointer.load_latest({"train": state}, warn=lambda text: print(f"warning: {text}"))
+    warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
+    resumed_from = checkpointer.load_latest({"train": state}, warn=warn)
     progress = state.progress
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.toml", config_to_toml(config))
-    logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard)
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.toml", config_to_toml(config))
+    logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard, enabled=runtime.is_main)
     if resumed_from is not None:
         logger.event("resume", step=resumed_from)
         logger.print(f"resumed {out} from step {resumed_from}")
@@ -213,17 +216,18 @@ def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
 
     flops_per_token = modelmath.flops_per_token(mcfg)
     peak = device_peak_flops(device, cache_root(config.data))
-    val_batches = validation_batches(data.val, mcfg.seq_len, tcfg.micro_batch, config.eval.batches)
+    val_batches = validation_batches(data.val, mcfg.seq_len, tcfg.micro_batch * layout.dp, config.eval.batches,
+                                     runtime.dp_rank, layout.dp)
     baseline = unigram_loss(data.train, data.val, mcfg.vocab_size)
     logger.print(
         f"model {mcfg.name}: {modelmath.params_total(mcfg) / 1e6:.1f}M parameters "
         f"({modelmath.params_active(mcfg) / 1e6:.1f}M active), {flops_per_token / 1e6:.1f} MFLOP/token | "
         f"data: {len(data.train):,} train / {len(data.val):,} val tokens ({data.tokenizer.name}) | "
-        f"device {device}, {torch.get_num_threads()} threads | unigram val loss {baseline:.3f}"
+        f"device {device}, {torch.get_num_threads()} threads, layout {layout.describe()} | unigram val loss {baseline:.3f}"
     )
 
     # --- the loop: the host reads tensors back (.item()) only on logging steps
-    tokens_per_step = tcfg.global_batch * mcfg.seq_len
+    tokens_per_step = tcfg.global_batch * mcfg.seq_len  # over all ranks
     segment_start, elapsed_before = time.perf_counter(), progress.elapsed_s
     window_start, window_steps = segment_start, 0  # throughput window: training steps only
     val_loss = None
@@ -244,25 +248,26 @@ def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
                 tokens_per_s = tokens_per_step / step_time
                 record = {
                     "step": progress.step,
-                    "loss": result.loss.item(),
+                    "loss": runtime.dp_mean(result.loss).item(),
                     "lr": lr,
                     "grad_norm": result.grad_norm.item(),
                     "tokens": progress.tokens,
                     "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * flops_per_token / peak if peak else None,
+                    "mfu": tokens_per_s * flops_per_token / (peak * layout.world_size) if peak else None,
                     "elapsed_s": progress.elapsed_s,
                     "step_time_s": step_time,
                 }
                 if result.aux_loss is not None:
-                    record["aux_loss"] = result.aux_loss.item()
-                    record["z_loss"] = result.z_loss.item()
-                    record["expert_load"] = [[round(v, 4) for v in row] for row in result.expert_load.tolist()]
+                    record["aux_loss"] = runtime.dp_mean(result.aux_loss).item()
+                    record["z_loss"] = runtime.dp_mean(result.z_loss).item()
+                    load = runtime.dp_mean(result.expert_load)
+                    record["expert_load"] = [[round(v, 4) for v in row] for row in load.tolist()]
                 logger.log_step(record, eta_s=(tcfg.steps - progress.step) * step_time)
                 window_start, window_steps = time.perf_counter(), 0
 
             paused = False  # validation and saving are not training throughput
             if progress.step % config.eval.interval == 0 or last:
-                val_loss = evaluate(model, val_batches, device)
+                val_loss = evaluate(model, val_batches, runtime)
                 logger.log_validation(progress.step, val_loss, progress.elapsed_s)
                 paused = True
 
@@ -289,7 +294,8 @@ def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     if config.eval.sample_tokens > 0:
         summary["sample"] = sample_text(model, data.tokenizer, config, device)
         logger.print(f"sample:\n{summary['sample']}")
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    if runtime.is_main:
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

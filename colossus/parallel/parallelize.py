@@ -1,0 +1,86 @@
+"""Apply a layout to a plain Transformer, in torchtitan's order: tensor parallel, expert parallel,
+activation checkpointing, compile, then FSDP (which must see the final module structure)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from colossus.config import ParallelConfig, TrainConfig
+from colossus.errors import UserError
+from colossus.models.grok import Transformer
+from colossus.models.moe import MoE
+from colossus.parallel.expert import apply_expert_parallel
+from colossus.parallel.layout import Layout, Meshes
+
+
+def parallelize(model: Transformer, layout: Layout, mesh: Meshes | None, pcfg: ParallelConfig, tcfg: TrainConfig,
+                device: torch.device) -> None:
+    if layout.tp > 1:
+        raise UserError("parallel.tp > 1: tensor parallelism is not available yet; use dp_replicate, dp_shard and ep")
+    if layout.ep > 1:
+        for layer in model.layers:
+            apply_expert_parallel(layer.ffn.experts, mesh.ep, model.cfg.n_experts)
+    if pcfg.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, pcfg)
+    if tcfg.compile:
+        for layer in model.layers:
+            layer.compile()
+    if layout.dp > 1:
+        apply_fsdp(model, layout, mesh, pcfg, device)
+
+
+def apply_activation_checkpointing(model: Transformer, pcfg: ParallelConfig) -> None:
+    """Recompute blocks in the backward instead of keeping their activations: every block ("full")
+    or every ac_every-th block ("selective" by layer, as torchtitan's op-free variant)."""
+    for index, layer in enumerate(model.layers):
+        if pcfg.activation_checkpoint == "full" or index % pcfg.ac_every == 0:
+            model.layers[index] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_fsdp(model: Transformer, layout: Layout, mesh: Meshes, pcfg: ParallelConfig, device: torch.device) -> None:
+    """FSDP2 per block and at the root; HSDP when dp_replicate > 1. Experts under expert parallelism
+    are sharded over the data-parallel ranks that hold the same experts, and their gradients divided
+    by the full data-parallel degree (their tokens came from all ep ranks)."""
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    dense_mesh, expert_mesh = mesh.dense, mesh.expert_dp
+    options = dict(mp_policy=mixed, reshard_after_forward=pcfg.reshard_after_forward)
+    for layer in model.layers:
+        block = layer._checkpoint_wrapped_module if hasattr(layer, "_checkpoint_wrapped_module") else layer
+        if layout.ep > 1 and isinstance(block.ffn, MoE):
+            fully_shard(block.ffn.experts, mesh=expert_mesh, **options)
+            block.ffn.experts.set_gradient_divide_factor(float(layout.dp))
+        fully_shard(layer, mesh=dense_mesh, **options)
+    fully_shard(model, mesh=dense_mesh, **options)
+    if device.type == "cpu":
+        # gloo has no PREMUL_SUM: reduce with SUM and let FSDP divide (see shared cpu notes).
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all parameters, plain or DTensor on any mesh, and clipping to
+    max_norm (torch's formula: scale by max_norm / (norm + 1e-6) when that is below 1). Norms are
+    summed per mesh because one foreach norm cannot mix meshes (expert vs dense weights)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_mesh: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        by_mesh[grad.device_mesh if isinstance(grad, DTensor) else None].append(grad)
+    squares = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float().square())
+    total = torch.stack(squares).sum().sqrt()
+    if max_norm > 0 and grads:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        torch._foreach_mul_(local, scale.to(local[0].dtype))
+    return total

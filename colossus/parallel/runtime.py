@@ -1,0 +1,74 @@
+"""This process's place in a run: device, process group, layout and mesh.
+
+Launched by torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it joins the process group, NCCL on GPUs and
+gloo on CPUs; launched plainly it is a world of one and touches no torch.distributed state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from colossus.config import RunConfig
+from colossus.errors import UserError
+from colossus.parallel.layout import Layout, Meshes, build_mesh, check_layout_fits, resolve_layout
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    layout: Layout
+    mesh: Meshes | None  # None for a world of one
+    rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp.get_local_rank() if self.mesh is not None else 0
+
+    def dp_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-rank value over the data-parallel ranks (gloo has no AVG: sum, then divide)."""
+        if self.mesh is None or self.layout.dp == 1:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp.get_group())
+        return total / self.layout.dp
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(config: RunConfig) -> torch.device:
+    wanted = config.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                        "launch at most one process per GPU (torchrun --nproc-per-node)")
+    return torch.device("cuda", local_rank)
+
+
+def setup_runtime(config: RunConfig) -> Runtime:
+    """Check the layout against the world size and the model, then join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    layout = resolve_layout(config.parallel, world_size)
+    check_layout_fits(layout, config.model, config.train)
+    device = pick_device(config)
+    if world_size == 1:
+        return Runtime(device, layout, None, 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return Runtime(device, layout, build_mesh(layout, device.type), dist.get_rank())
