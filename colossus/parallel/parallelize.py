@@ -52,10 +52,19 @@ def apply_fsdp(model: Transformer, layout: Layout, mesh: Meshes, pcfg: ParallelC
     options = dict(mp_policy=mixed, reshard_after_forward=pcfg.reshard_after_forward)
     for layer in model.layers:
         block = layer._checkpoint_wrapped_module if hasattr(layer, "_checkpoint_wrapped_module") else layer
+        ignored = None
         if layout.ep > 1 and isinstance(block.ffn, MoE):
-            fully_shard(block.ffn.experts, mesh=expert_mesh, **options)
-            block.ffn.experts.set_gradient_divide_factor(float(layout.dp))
-        fully_shard(layer, mesh=dense_mesh, **options)
+            experts = block.ffn.experts
+            if expert_mesh.size() > 1:
+                fully_shard(experts, mesh=expert_mesh, **options)
+                experts.set_gradient_divide_factor(float(layout.dp))
+            else:
+                # No other rank holds these experts: nothing to reduce, only the mean over the
+                # data-parallel ranks whose tokens they served (FSDP on a one-rank mesh over-divides).
+                ignored = set(experts.parameters())
+                for param in ignored:
+                    param.register_hook(lambda grad: grad / layout.dp)  # before accumulation: exact with micro-batches
+        fully_shard(layer, mesh=dense_mesh, ignored_params=ignored, **options)
     fully_shard(model, mesh=dense_mesh, **options)
     if device.type == "cpu":
         # gloo has no PREMUL_SUM: reduce with SUM and let FSDP divide (see shared cpu notes).

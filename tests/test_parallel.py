@@ -1,0 +1,167 @@
+"""Scaling out on CPU with gloo: layouts give the single-process losses, checkpoints reshard across
+layouts, two torchrun agents act as two nodes, and bad layouts fail before any model is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from colossus.config import ModelConfig, ParallelConfig, TrainConfig
+from colossus.errors import UserError
+from colossus.parallel.layout import Layout, check_layout_fits, resolve_layout
+from conftest import REPO, small_tables, write_toml
+
+STEPS = 10
+LAYOUTS = {
+    "dp_shard=4": {},
+    "dp_replicate=2,dp_shard=2": {"dp_replicate": 2},
+    "dp_shard=2,ep=2": {"ep": 2},
+    "ep=4": {"ep": 4},
+}
+
+
+def losses(run: Path) -> dict[int, dict]:
+    """The last record of each training step (a resumed run logs some steps twice)."""
+    records = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 4, extra: list[str] | None = None) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    launcher += extra if extra is not None else ["--standalone"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, "-m", "colossus.train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str, Path]:
+    """One single-process reference run and one 4-process run per layout, all with the same seed and
+    global batch of 8 sequences in micro-batches of 2 (so every layout sees the same MoE batches)."""
+    root = tmp_path_factory.mktemp("parallel")
+    tables = small_tables(corpus_dir, root / "cache", train={"steps": STEPS, "micro_batch": 2},
+                          checkpoint={"interval": 5, "keep": 2}, eval={"interval": STEPS, "sample_tokens": 0},
+                          log={"interval": 1, "tensorboard": False})
+    config = write_toml(root / "run.toml", tables)
+    single = subprocess.run([sys.executable, "-m", "colossus.train", str(config), "--out", "single"], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    result = {"single": root / "single", "config": config, "root": root}
+    for name, keys in LAYOUTS.items():
+        overrides = [arg for key, value in keys.items() for arg in ("--set", f"parallel.{key}={value}")]
+        finish(torchrun([str(config), "--out", name, *overrides], root))
+        result[name] = root / name
+    return result
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(runs: dict[str, Path], layout: str) -> None:
+    """Loss and gradient norm of each of the first 10 steps within 1e-4 relative of one process."""
+    reference, parallel = losses(runs["single"]), losses(runs[layout])
+    assert sorted(parallel) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "grad_norm"):
+            assert parallel[step][key] == pytest.approx(reference[step][key], rel=1e-4), (step, key)
+    assert reference[STEPS]["loss"] < reference[1]["loss"] - 0.5  # and the model does learn
+
+
+@pytest.mark.parametrize("target", ["single", "dp_shard=2,ep=2"])
+def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], target: str) -> None:
+    """Saved under dp_shard=4 at step 5, resumed under another layout: steps 6-10 match within 1e-5."""
+    root = runs["root"]
+    resumed = root / f"resumed-{target}"
+    shutil.copytree(runs["dp_shard=4"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
+    if target == "single":
+        result = subprocess.run([sys.executable, "-m", "colossus.train", str(runs["config"]), "--out", str(resumed)],
+                                cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+        output = result.stdout
+    else:
+        output = finish(torchrun([str(runs["config"]), "--out", str(resumed), "--set", "parallel.ep=2"], root))
+    assert "resumed" in output and "from step 5" in output
+    uninterrupted = losses(runs["dp_shard=4"])
+    after = losses(resumed)
+    for step in range(6, STEPS + 1):
+        assert after[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-5), step
+
+
+def test_two_agents_as_two_nodes(runs: dict[str, Path]) -> None:
+    """Two torchrun agents (--nnodes 2, c10d rendezvous on 127.0.0.1), 2 processes each, give the
+    losses of one agent with 4 processes."""
+    root, port = runs["root"], free_port()
+    rendezvous = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pytest"]
+    agents = [torchrun([str(runs["config"]), "--out", "two-nodes"], root, nproc=2, extra=rendezvous) for _ in range(2)]
+    for agent in agents:
+        finish(agent)
+    one_agent, two_agents = losses(runs["dp_shard=4"]), losses(root / "two-nodes")
+    for step in range(1, STEPS + 1):
+        assert two_agents[step]["loss"] == pytest.approx(one_agent[step]["loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------ layout checks (no processes)
+
+
+def test_dp_shard_fills_the_world() -> None:
+    assert resolve_layout(ParallelConfig(), 8) == Layout(1, 8, 1, 1)
+    assert resolve_layout(ParallelConfig(dp_replicate=2, ep=2), 8) == Layout(2, 2, 2, 1)
+    layout = resolve_layout(ParallelConfig(dp_shard=2, ep=2), 4)
+    assert (layout.dp, layout.world_size) == (4, 4)  # ep ranks are data-parallel ranks too
+
+
+@pytest.mark.parametrize("cfg, world, words", [
+    (ParallelConfig(dp_shard=2, tp=2), 8, ["2 x", "= 4", "8 were launched"]),
+    (ParallelConfig(tp=3), 4, ["world size 4", "tp=3"]),
+])
+def test_layout_world_mismatch_names_the_numbers(cfg: ParallelConfig, world: int, words: list[str]) -> None:
+    with pytest.raises(UserError) as error:
+        resolve_layout(cfg, world)
+    assert all(word in str(error.value) for word in words) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("layout, model, train, key", [
+    (Layout(1, 1, 3, 1), ModelConfig(), TrainConfig(global_batch=6, micro_batch=2), "n_experts"),
+    (Layout(1, 1, 2, 1), ModelConfig(n_experts=1, top_k=1), TrainConfig(), "model.n_experts > 1"),
+    (Layout(1, 1, 1, 8), ModelConfig(), TrainConfig(), "n_heads"),
+    (Layout(1, 3, 1, 1), ModelConfig(), TrainConfig(global_batch=8, micro_batch=8), "global_batch"),
+])
+def test_layout_that_does_not_fit_the_model(layout: Layout, model: ModelConfig, train: TrainConfig, key: str) -> None:
+    with pytest.raises(UserError) as error:
+        check_layout_fits(layout, model, train)
+    assert key in str(error.value)
+
+
+def test_world_size_mismatch_fails_before_building(tmp_path: Path, corpus_dir: Path) -> None:
+    """Under torchrun with 2 processes, a layout for 4 stops with one line per rank and no run folder."""
+    config = write_toml(tmp_path / "run.toml", small_tables(corpus_dir, tmp_path / "cache"))
+    process = torchrun([str(config), "--out", "r", "--set", "parallel.dp_shard=4"], tmp_path, nproc=2)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("colossus train: error:")]
+    assert len(errors) == 2 and all("4 processes, but 2 were launched" in line for line in errors)
+    assert "colossus/" not in output  # torchrun reports the failed workers, but no frame of ours shows
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,218 @@
+"""Worker for tests/test_tensor_parallel.py, launched with torchrun on gloo: trains small models for a
+few AdamW steps under tensor parallelism (and FSDP2 over the data-parallel ranks when dp > 1) and,
+in the same process, the same models as a single process on the whole global batch; writes the
+per-step losses and gradient norms of both, the largest relative differences of the final weights,
+and the result of a full-state-dict check, as JSON (rank 0).
+
+usage: torchrun --nproc-per-node N tests/tp_worker.py --dp D --tp T --out result.json [--cases ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from colossus.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from colossus.models.grok import build_model  # noqa: E402
+from colossus.parallel.layout import Layout, build_mesh  # noqa: E402
+from colossus.parallel.parallelize import apply_fsdp, clip_grad_norm  # noqa: E402
+from colossus.parallel.tensor import apply_tensor_parallel  # noqa: E402
+from colossus.train.optim import build_optimizer, build_scheduler  # noqa: E402
+
+MOE = ModelConfig(name="tp-moe", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+                  n_experts=4, top_k=2, vocab_size=256, seq_len=32, embedding_multiplier=8.0)
+DENSE = dataclasses.replace(MOE, name="tp-dense", n_experts=1, top_k=1, ffn_type="swiglu")
+TRAIN = TrainConfig(steps=5, global_batch=4, micro_batch=4, lr=3e-3, warmup_steps=2, grad_clip=1.0, threads=1)
+STEPS = 5
+SEED = 7
+
+# name -> (model config, sequence_parallel, vocab_parallel)
+CASES = {
+    "moe": (MOE, False, False),
+    "moe-sp-vp": (MOE, True, True),
+    "dense": (DENSE, False, False),
+    "dense-sp-vp": (DENSE, True, True),
+    "moe-sp": (MOE, True, False),
+    "dense-vp": (DENSE, False, True),
+    "dense-untied-sp-vp": (dataclasses.replace(DENSE, tie_embeddings=False), True, True),
+    "moe-pre-sp-vp": (dataclasses.replace(MOE, norm="pre", attn_softcap=0.0), True, True),
+}
+
+
+def batches(cfg: ModelConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(SEED)
+    out = []
+    for _ in range(STEPS):
+        data = torch.randint(0, cfg.vocab_size, (TRAIN.global_batch, cfg.seq_len + 1), generator=g)
+        out.append((data[:, :-1], data[:, 1:]))
+    return out
+
+
+def reference(cfg: ModelConfig, dp: int) -> tuple[list[float], list[float], list[float], dict[str, torch.Tensor]]:
+    """Single process: the global batch in dp contiguous chunks, loss = mean of the chunk losses."""
+    model = build_model(cfg, seed=SEED)
+    optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, TRAIN)
+    losses, ces, norms = [], [], []
+    for x, y in batches(cfg):
+        loss_sum = ce_sum = 0.0
+        for xs, ys in zip(x.chunk(dp), y.chunk(dp)):
+            out = model(xs, ys)
+            (out.loss / dp).backward()
+            loss_sum += out.loss.item() / dp
+            ce_sum += out.ce_loss.item() / dp
+        norms.append(clip_grad_norm(list(model.parameters()), TRAIN.grad_clip).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(loss_sum)
+        ces.append(ce_sum)
+    return losses, ces, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build_mixed_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    """build_optimizer, with each parameter group split into DTensor and plain parameters: torch's
+    foreach AdamW cannot mix the two in one group, and tensor parallelism without FSDP leaves the
+    router (and, without sequence or vocabulary parallelism, norms and embedding) plain."""
+    optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
+    groups = []
+    for group in optimizer.param_groups:
+        for want in (True, False):
+            params = [p for p in group["params"] if isinstance(p, DTensor) == want]
+            if params:
+                groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    if len(groups) == len(optimizer.param_groups):
+        return optimizer
+    return torch.optim.AdamW(groups, lr=TRAIN.lr, betas=(TRAIN.beta1, TRAIN.beta2), eps=1e-8, foreach=True)
+
+
+def dp_mean(value: torch.Tensor, group) -> float:
+    total = value.detach().clone()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+        total /= dist.get_world_size(group)
+    return total.item()
+
+
+def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool) -> dict:
+    model = build_model(cfg, seed=SEED)
+    apply_tensor_parallel(model, mesh.tp, sequence_parallel=sp, vocab_parallel=vp)
+    if layout.dp > 1:
+        apply_fsdp(model, layout, mesh, ParallelConfig(tp=layout.tp, dp_shard=layout.dp_shard), torch.device("cpu"))
+    optimizer = build_mixed_optimizer(model)
+    scheduler = build_scheduler(optimizer, TRAIN)
+    dp_rank = mesh.dp.get_local_rank()
+    dp_group = mesh.dp.get_group() if layout.dp > 1 else None
+    losses, ces, norms = [], [], []
+    for x, y in batches(cfg):
+        xs, ys = x.chunk(layout.dp)[dp_rank], y.chunk(layout.dp)[dp_rank]
+        out = model(xs, ys)
+        assert not isinstance(out.loss, DTensor) and not isinstance(out.ce_loss, DTensor)
+        out.loss.backward()
+        norms.append(clip_grad_norm(list(model.parameters()), TRAIN.grad_clip).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(dp_mean(out.loss, dp_group))
+        ces.append(dp_mean(out.ce_loss, dp_group))
+
+    # Generation-style call (no targets): full logits, equal on every rank.
+    with torch.no_grad():
+        logits = model(batches(cfg)[0][0][:1, :8]).logits
+    assert not isinstance(logits, DTensor) and logits.shape == (1, 8, cfg.vocab_size), type(logits)
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    return dict(losses=losses, ces=ces, norms=norms, model_sd=model_sd, optim_sd=optim_sd)
+
+
+def shapes(tree) -> dict:
+    """Flattened key -> shape (tensors) or type name (anything else) of a nested state dict."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = tuple(value.shape)
+        else:
+            flat[prefix] = type(value).__name__
+    walk("", tree)
+    return flat
+
+
+def optim_layout(state: dict) -> tuple:
+    """What of an optimizer state dict must not depend on the layout: per-parameter state keys and
+    shapes, and the parameter names (param groups may be split differently)."""
+    return shapes(state["state"]), sorted(name for group in state["param_groups"] for name in group["params"])
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dp", type=int, required=True)
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    layout = Layout(1, args.dp, 1, args.tp)
+    mesh = build_mesh(layout, "cpu")
+    results = {}
+    try:
+        for name in args.cases:
+            cfg, sp, vp = CASES[name]
+            import time; t0 = time.perf_counter()
+            ref_losses, ref_ces, ref_norms, ref_weights = reference(cfg, args.dp)
+            t1 = time.perf_counter()
+            got = parallel(cfg, layout, mesh, sp, vp)
+            t2 = time.perf_counter()
+            if dist.get_rank() == 0: print("TIMING", name, t1 - t0, t2 - t1, flush=True)
+            # The plain model's state dict, for keys and shapes (optimizer after one step, so it has state).
+            plain = build_model(cfg, seed=SEED)
+            plain_opt = build_optimizer(plain, TRAIN, torch.device("cpu"))
+            plain(*batches(cfg)[0]).loss.backward()
+            plain_opt.step()
+            plain_model_sd, plain_optim_sd = get_state_dict(plain, plain_opt, options=StateDictOptions(full_state_dict=True))
+            weight_diff = max(
+                ((got["model_sd"][k].float() - v.float()).norm() / v.float().norm()).item() for k, v in ref_weights.items())
+            results[name] = dict(
+                ref_losses=ref_losses, losses=got["losses"], ref_norms=ref_norms, norms=got["norms"],
+                loss_rel=max(rel(a, b) for a, b in zip(got["losses"], ref_losses)),
+                ce_rel=max(rel(a, b) for a, b in zip(got["ces"], ref_ces)),
+                norm_rel=max(rel(a, b) for a, b in zip(got["norms"], ref_norms)),
+                weight_rel=weight_diff,
+                model_keys_match=shapes(got["model_sd"]) == shapes(plain_model_sd),
+                optim_keys_match=optim_layout(got["optim_sd"]) == optim_layout(plain_optim_sd),
+                plain_tensors=all(not isinstance(v, DTensor) for v in got["model_sd"].values()),
+            )
+    except Exception:
+        results["error"] = f"rank {dist.get_rank()}: {traceback.format_exc()}"
+        print(results["error"], file=sys.stderr, flush=True)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
