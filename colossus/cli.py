@@ -51,7 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list model presets with parameters and FLOPs per token",
                                  description="List the model presets: total and active parameters, FLOPs per token.")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    launch = commands.add_parser(
+        "launch", help="print the torchrun command(s) for a run on N nodes",
+        description="Print the exact torchrun command to run on each node (c10d rendezvous on the head node). "
+                    "Everything after -- is passed to `colossus train`.",
+        epilog="example:\n  colossus launch --nodes 2 --procs-per-node 8 --head 10.0.0.1 -- configs/tiny.toml --out runs/a\n"
+               "Under Slurm, scripts/slurm/train.sbatch finds the head node itself.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    launch.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    launch.add_argument("--procs-per-node", type=int, default=8, help="processes per node, one per GPU (default 8)")
+    launch.add_argument("--head", default="127.0.0.1", help="address of the rendezvous (head) node")
+    launch.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node (default 29500)")
+    launch.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure (default 0)")
+    launch.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN ARGS",
+                        help="arguments for `colossus train` (config, --out, --set ...)")
     return parser
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from colossus.launch import plan_launch
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    plan = plan_launch(args.nodes, args.procs_per_node, args.head, args.port, train_args, args.max_restarts)
+    if plan.nodes == 1:
+        print(plan.command())
+    else:
+        print(f"# run on each of the {plan.nodes} nodes (the same line everywhere; {plan.head} hosts the rendezvous):")
+        print(plan.command())
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -103,7 +130,7 @@ def _human(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": run_train, "models": run_models}
+    handlers = {"train": run_train, "models": run_models, "launch": run_launch}
     if args.command is None:
         parser.print_help()
         return 0

@@ -111,16 +111,36 @@ def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], target: str) 
 
 
 def test_two_agents_as_two_nodes(runs: dict[str, Path]) -> None:
-    """Two torchrun agents (--nnodes 2, c10d rendezvous on 127.0.0.1), 2 processes each, give the
-    losses of one agent with 4 processes."""
+    """The command `colossus launch --nodes 2` prints, run twice on this machine as two "nodes" (2
+    processes each, c10d rendezvous on 127.0.0.1), gives the losses of one agent with 4 processes."""
     root, port = runs["root"], free_port()
-    rendezvous = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pytest"]
-    agents = [torchrun([str(runs["config"]), "--out", "two-nodes"], root, nproc=2, extra=rendezvous) for _ in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    printed = subprocess.run([sys.executable, "-m", "colossus", "launch", "--nodes", "2", "--procs-per-node", "2",
+                              "--head", "127.0.0.1", "--port", str(port), "--", str(runs["config"]), "--out", "two-nodes"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    command = printed.stdout.strip().splitlines()[-1]
+    assert command.startswith("torchrun ") and "--nnodes=2" in command and f"127.0.0.1:{port}" in command
+    agents = [subprocess.Popen(command, shell=True, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
     for agent in agents:
         finish(agent)
     one_agent, two_agents = losses(runs["dp_shard=4"]), losses(root / "two-nodes")
     for step in range(1, STEPS + 1):
         assert two_agents[step]["loss"] == pytest.approx(one_agent[step]["loss"], rel=1e-6)
+
+
+def test_launch_single_node_and_slurm_script() -> None:
+    from colossus.launch import plan_launch
+
+    assert plan_launch(1, 8, "x", 29500, ["--steps", "5"]).command() == \
+        "torchrun --nproc-per-node=8 --standalone -m colossus.train --steps 5"
+    with pytest.raises(UserError):
+        plan_launch(1, 8, "x", 70000, [])
+    script = REPO / "scripts" / "slurm" / "train.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # parses as bash
+    text = script.read_text()
+    assert "--rdzv-backend=c10d" in text and "srun" in text and "--ntasks-per-node=1" in text
 
 
 # ------------------------------------------------------------------------ layout checks (no processes)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -22,10 +23,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: E402
 
 from colossus.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from colossus.models.grok import build_model  # noqa: E402
+from colossus.models.moe import MoE  # noqa: E402
 from colossus.parallel.layout import Layout, build_mesh  # noqa: E402
 from colossus.parallel.parallelize import apply_fsdp, clip_grad_norm  # noqa: E402
 from colossus.parallel.tensor import apply_tensor_parallel  # noqa: E402
@@ -106,12 +108,44 @@ def dp_mean(value: torch.Tensor, group) -> float:
     return total.item()
 
 
-def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool) -> dict:
+def check_structure(model: torch.nn.Module, sp: bool, vp: bool) -> list[str]:
+    """Where the weights live right after apply_tensor_parallel (before FSDP)."""
+    problems = []
+
+    def expect(name: str, placement) -> None:
+        param = model.get_parameter(name)
+        got = param.placements if isinstance(param, DTensor) else "plain"
+        if got != (placement,):
+            problems.append(f"{name}: {got}, expected {placement}")
+
+    for i, layer in enumerate(model.layers):
+        for w, placement in (("wq", Shard(0)), ("wk", Shard(0)), ("wv", Shard(0)), ("wo", Shard(1))):
+            expect(f"layers.{i}.attention.{w}.weight", placement)
+        if isinstance(layer.ffn, MoE):
+            for w, placement in (("w_in", Shard(2)), ("w_up", Shard(2)), ("w_out", Shard(1))):
+                if getattr(layer.ffn.experts, w) is not None:
+                    expect(f"layers.{i}.ffn.experts.{w}", placement)
+            if isinstance(layer.ffn.router.weight, DTensor):
+                problems.append("the router should stay a plain (replicated) parameter")
+        if sp:
+            for name in ("attention_norm", "ffn_norm"):
+                expect(f"layers.{i}.{name}.weight", Replicate())
+    if vp:
+        expect("embedding.weight", Shard(0))
+    return problems
+
+
+def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool, fsdp: bool) -> dict:
     model = build_model(cfg, seed=SEED)
     apply_tensor_parallel(model, mesh.tp, sequence_parallel=sp, vocab_parallel=vp)
-    if layout.dp > 1:
+    problems = check_structure(model, sp, vp)
+    seen_seq = []
+    model.layers[1].register_forward_pre_hook(lambda m, args: seen_seq.append(args[0].shape[1]))
+    if fsdp:
         apply_fsdp(model, layout, mesh, ParallelConfig(tp=layout.tp, dp_shard=layout.dp_shard), torch.device("cpu"))
-    optimizer = build_mixed_optimizer(model)
+        optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
+    else:
+        optimizer = build_mixed_optimizer(model)
     scheduler = build_scheduler(optimizer, TRAIN)
     dp_rank = mesh.dp.get_local_rank()
     dp_group = mesh.dp.get_group() if layout.dp > 1 else None
@@ -119,22 +153,30 @@ def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool) -> dict
     for x, y in batches(cfg):
         xs, ys = x.chunk(layout.dp)[dp_rank], y.chunk(layout.dp)[dp_rank]
         out = model(xs, ys)
-        assert not isinstance(out.loss, DTensor) and not isinstance(out.ce_loss, DTensor)
+        if isinstance(out.loss, DTensor) or isinstance(out.ce_loss, DTensor):
+            problems.append("the model's loss came out as a DTensor")
         out.loss.backward()
+        if torch.ops.aten._log_softmax.default in DTensor._op_dispatcher._custom_op_handlers:
+            problems.append("loss_parallel was left enabled after the backward")
         norms.append(clip_grad_norm(list(model.parameters()), TRAIN.grad_clip).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         losses.append(dp_mean(out.loss, dp_group))
         ces.append(dp_mean(out.ce_loss, dp_group))
+    expected_seq = cfg.seq_len // layout.tp if sp else cfg.seq_len
+    if set(seen_seq) != {expected_seq}:
+        problems.append(f"blocks saw sequence lengths {set(seen_seq)}, expected {expected_seq}")
 
-    # Generation-style call (no targets): full logits, equal on every rank.
+    # A generation-style call (no targets) returns the full logits as a plain tensor.
     with torch.no_grad():
-        logits = model(batches(cfg)[0][0][:1, :8]).logits
-    assert not isinstance(logits, DTensor) and logits.shape == (1, 8, cfg.vocab_size), type(logits)
+        logits = model(batches(cfg)[0][0][:2, :8]).logits
+    if isinstance(logits, DTensor) or logits.shape != (2, 8, cfg.vocab_size):
+        problems.append(f"logits without targets: {type(logits).__name__} {tuple(logits.shape)}")
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-    return dict(losses=losses, ces=ces, norms=norms, model_sd=model_sd, optim_sd=optim_sd)
+    return dict(losses=losses, ces=ces, norms=norms, model_sd=model_sd, optim_sd=optim_sd, logits=logits,
+                problems=problems)
 
 
 def shapes(tree) -> dict:
@@ -172,6 +214,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the dense mesh even when dp = 1")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -181,29 +224,33 @@ def main() -> None:
     try:
         for name in args.cases:
             cfg, sp, vp = CASES[name]
-            import time; t0 = time.perf_counter()
+            start = time.perf_counter()
             ref_losses, ref_ces, ref_norms, ref_weights = reference(cfg, args.dp)
-            t1 = time.perf_counter()
-            got = parallel(cfg, layout, mesh, sp, vp)
-            t2 = time.perf_counter()
-            if dist.get_rank() == 0: print("TIMING", name, t1 - t0, t2 - t1, flush=True)
-            # The plain model's state dict, for keys and shapes (optimizer after one step, so it has state).
+            got = parallel(cfg, layout, mesh, sp, vp, fsdp=args.fsdp or layout.dp > 1)
+            # The trained single-process model's logits, against the parallel generation-style call.
+            ref_model = build_model(cfg, seed=SEED)
+            ref_model.load_state_dict(ref_weights)
+            with torch.no_grad():
+                ref_logits = ref_model(batches(cfg)[0][0][:2, :8]).logits
+            # The plain model's state dicts, for keys and shapes (the optimizer after a step, so it has state).
             plain = build_model(cfg, seed=SEED)
             plain_opt = build_optimizer(plain, TRAIN, torch.device("cpu"))
             plain(*batches(cfg)[0]).loss.backward()
             plain_opt.step()
             plain_model_sd, plain_optim_sd = get_state_dict(plain, plain_opt, options=StateDictOptions(full_state_dict=True))
-            weight_diff = max(
-                ((got["model_sd"][k].float() - v.float()).norm() / v.float().norm()).item() for k, v in ref_weights.items())
             results[name] = dict(
                 ref_losses=ref_losses, losses=got["losses"], ref_norms=ref_norms, norms=got["norms"],
                 loss_rel=max(rel(a, b) for a, b in zip(got["losses"], ref_losses)),
                 ce_rel=max(rel(a, b) for a, b in zip(got["ces"], ref_ces)),
                 norm_rel=max(rel(a, b) for a, b in zip(got["norms"], ref_norms)),
-                weight_rel=weight_diff,
+                weight_rel=max(((got["model_sd"][k].float() - v.float()).norm() / v.float().norm()).item()
+                               for k, v in ref_weights.items()),
+                logits_rel=((got["logits"] - ref_logits).norm() / ref_logits.norm()).item(),
                 model_keys_match=shapes(got["model_sd"]) == shapes(plain_model_sd),
                 optim_keys_match=optim_layout(got["optim_sd"]) == optim_layout(plain_optim_sd),
-                plain_tensors=all(not isinstance(v, DTensor) for v in got["model_sd"].values()),
+                full_tensors=all(not isinstance(v, DTensor) for v in got["model_sd"].values()),
+                problems=got["problems"],
+                seconds=time.perf_counter() - start,
             )
     except Exception:
         results["error"] = f"rank {dist.get_rank()}: {traceback.format_exc()}"

@@ -101,7 +101,7 @@ class _LossParallelBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss: torch.Tensor, switch: "_LossParallelSwitch") -> torch.Tensor:
         ctx.switch = switch
-        return loss.view_as(loss)
+        return loss.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
