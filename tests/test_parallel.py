@@ -185,3 +185,26 @@ def test_world_size_mismatch_fails_before_building(tmp_path: Path, corpus_dir: P
     assert len(errors) == 2 and all("4 processes, but 2 were launched" in line for line in errors)
     assert "colossus/" not in output  # torchrun reports the failed workers, but no frame of ours shows
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_the_numbers(tmp_path: Path, corpus_dir: Path, mode: str) -> None:
+    """Recomputing blocks in the backward changes memory, not results: losses match the plain run,
+    and its checkpoints use the same parameter names (they load into a run without it)."""
+    from colossus.train.trainer import train
+    from conftest import small_config
+
+    sections = dict(train={"steps": 6}, eval={"sample_tokens": 0}, log={"interval": 1, "tensorboard": False})
+    plain = small_config(corpus_dir, tmp_path / "cache", **sections)
+    checkpointed = small_config(corpus_dir, tmp_path / "cache", parallel={"activation_checkpoint": mode, "ac_every": 2},
+                                **sections)
+    train(plain, tmp_path / "plain")
+    train(checkpointed, tmp_path / "ac")
+    reference, recomputed = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    for step in range(1, 7):
+        assert recomputed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6)
+    # Resume the AC run's step-4 checkpoint without AC: the names match, so it loads.
+    shutil.rmtree(tmp_path / "ac" / "checkpoints" / "step-6")
+    longer = small_config(corpus_dir, tmp_path / "cache", **{**sections, "train": {"steps": 6}})
+    summary = train(longer, tmp_path / "ac")
+    assert summary["step"] == 6 and losses(tmp_path / "ac")[6]["loss"] == pytest.approx(reference[6]["loss"], rel=1e-6)

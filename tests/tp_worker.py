@@ -29,7 +29,7 @@ from colossus.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E4
 from colossus.models.grok import build_model  # noqa: E402
 from colossus.models.moe import MoE  # noqa: E402
 from colossus.parallel.layout import Layout, build_mesh  # noqa: E402
-from colossus.parallel.parallelize import apply_fsdp, clip_grad_norm  # noqa: E402
+from colossus.parallel.parallelize import apply_activation_checkpointing, apply_fsdp, clip_grad_norm  # noqa: E402
 from colossus.parallel.tensor import apply_tensor_parallel  # noqa: E402
 from colossus.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -38,6 +38,7 @@ MOE = ModelConfig(name="tp-moe", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2
 DENSE = dataclasses.replace(MOE, name="tp-dense", n_experts=1, top_k=1, ffn_type="swiglu")
 TRAIN = TrainConfig(steps=5, global_batch=4, micro_batch=4, lr=3e-3, warmup_steps=2, grad_clip=1.0, threads=1)
 STEPS = 5
+ODD = 7  # a sequence length that tp = 2 does not divide
 SEED = 7
 
 # name -> (model config, sequence_parallel, vocab_parallel)
@@ -135,14 +136,21 @@ def check_structure(model: torch.nn.Module, sp: bool, vp: bool) -> list[str]:
     return problems
 
 
-def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool, fsdp: bool) -> dict:
+def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool, fsdp: bool, extra: argparse.Namespace) -> dict:
     model = build_model(cfg, seed=SEED)
     apply_tensor_parallel(model, mesh.tp, sequence_parallel=sp, vocab_parallel=vp)
     problems = check_structure(model, sp, vp)
     seen_seq = []
     model.layers[1].register_forward_pre_hook(lambda m, args: seen_seq.append(args[0].shape[1]))
+    pcfg = ParallelConfig(dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, tp=layout.tp,
+                          activation_checkpoint="full" if extra.ac else "none")
+    if extra.ac:
+        apply_activation_checkpointing(model, pcfg)
+    if extra.compile:
+        for layer in model.layers:
+            layer.compile()
     if fsdp:
-        apply_fsdp(model, layout, mesh, ParallelConfig(tp=layout.tp, dp_shard=layout.dp_shard), torch.device("cpu"))
+        apply_fsdp(model, layout, mesh, pcfg, torch.device("cpu"))
         optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
     else:
         optimizer = build_mixed_optimizer(model)
@@ -168,15 +176,18 @@ def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool, fsdp: b
     if set(seen_seq) != {expected_seq}:
         problems.append(f"blocks saw sequence lengths {set(seen_seq)}, expected {expected_seq}")
 
-    # A generation-style call (no targets) returns the full logits as a plain tensor.
+    # A generation-style call (no targets) returns the full logits as a plain tensor, also for a
+    # length that tp does not divide; so does an evaluation-style call its cross-entropy.
+    x, y = batches(cfg)[0]
     with torch.no_grad():
-        logits = model(batches(cfg)[0][0][:2, :8]).logits
-    if isinstance(logits, DTensor) or logits.shape != (2, 8, cfg.vocab_size):
+        logits = model(x[:2, :ODD]).logits
+        odd_ce = model(x[:2, :ODD], y[:2, :ODD]).ce_loss.item()
+    if isinstance(logits, DTensor) or logits.shape != (2, ODD, cfg.vocab_size):
         problems.append(f"logits without targets: {type(logits).__name__} {tuple(logits.shape)}")
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
     return dict(losses=losses, ces=ces, norms=norms, model_sd=model_sd, optim_sd=optim_sd, logits=logits,
-                problems=problems)
+                odd_ce=odd_ce, problems=problems)
 
 
 def shapes(tree) -> dict:
@@ -215,29 +226,42 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the dense mesh even when dp = 1")
+    parser.add_argument("--hsdp", action="store_true", help="the dp ranks replicate (HSDP's outer dim) instead of shard")
+    parser.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    layout = Layout(1, args.dp, 1, args.tp)
+    layout = Layout(args.dp, 1, 1, args.tp) if args.hsdp else Layout(1, args.dp, 1, args.tp)
     mesh = build_mesh(layout, "cpu")
     results = {}
+    plain_state: dict[str, tuple] = {}
+    rank = dist.get_rank()
     try:
         for name in args.cases:
             cfg, sp, vp = CASES[name]
             start = time.perf_counter()
+            got = parallel(cfg, layout, mesh, sp, vp, fsdp=args.fsdp or layout.dp > 1, extra=args)
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, got["problems"])
+            if rank != 0:
+                continue  # rank 0 alone compares (the others wait for it in the next case's collectives)
             ref_losses, ref_ces, ref_norms, ref_weights = reference(cfg, args.dp)
-            got = parallel(cfg, layout, mesh, sp, vp, fsdp=args.fsdp or layout.dp > 1)
             # The trained single-process model's logits, against the parallel generation-style call.
             ref_model = build_model(cfg, seed=SEED)
             ref_model.load_state_dict(ref_weights)
+            x, y = batches(cfg)[0]
             with torch.no_grad():
-                ref_logits = ref_model(batches(cfg)[0][0][:2, :8]).logits
-            # The plain model's state dicts, for keys and shapes (the optimizer after a step, so it has state).
-            plain = build_model(cfg, seed=SEED)
-            plain_opt = build_optimizer(plain, TRAIN, torch.device("cpu"))
-            plain(*batches(cfg)[0]).loss.backward()
-            plain_opt.step()
-            plain_model_sd, plain_optim_sd = get_state_dict(plain, plain_opt, options=StateDictOptions(full_state_dict=True))
+                ref_logits = ref_model(x[:2, :ODD]).logits
+                ref_odd_ce = ref_model(x[:2, :ODD], y[:2, :ODD]).ce_loss.item()
+            if cfg.name not in plain_state:
+                # The plain model's state dicts, for keys and shapes (the optimizer after a step, so it has state).
+                plain = build_model(cfg, seed=SEED)
+                plain_opt = build_optimizer(plain, TRAIN, torch.device("cpu"))
+                plain(*batches(cfg)[0]).loss.backward()
+                plain_opt.step()
+                plain_state[cfg.name] = get_state_dict(plain, plain_opt, options=StateDictOptions(full_state_dict=True))
+            plain_model_sd, plain_optim_sd = plain_state[cfg.name]
             results[name] = dict(
                 ref_losses=ref_losses, losses=got["losses"], ref_norms=ref_norms, norms=got["norms"],
                 loss_rel=max(rel(a, b) for a, b in zip(got["losses"], ref_losses)),
@@ -246,20 +270,25 @@ def main() -> None:
                 weight_rel=max(((got["model_sd"][k].float() - v.float()).norm() / v.float().norm()).item()
                                for k, v in ref_weights.items()),
                 logits_rel=((got["logits"] - ref_logits).norm() / ref_logits.norm()).item(),
+                odd_ce_rel=rel(got["odd_ce"], ref_odd_ce),
                 model_keys_match=shapes(got["model_sd"]) == shapes(plain_model_sd),
                 optim_keys_match=optim_layout(got["optim_sd"]) == optim_layout(plain_optim_sd),
                 full_tensors=all(not isinstance(v, DTensor) for v in got["model_sd"].values()),
-                problems=got["problems"],
+                problems=[f"rank {r}: {p}" for r, ps in enumerate(problems) for p in ps],
                 seconds=time.perf_counter() - start,
             )
     except Exception:
-        results["error"] = f"rank {dist.get_rank()}: {traceback.format_exc()}"
-        print(results["error"], file=sys.stderr, flush=True)
-    if dist.get_rank() == 0:
+        # Report and leave at once: the other ranks may be waiting in a collective; torchrun stops them.
+        error = f"rank {rank}: {traceback.format_exc()}"
+        print(error, file=sys.stderr, flush=True)
+        if rank == 0:
+            with open(args.out, "w") as f:
+                json.dump({"error": error}, f, indent=1)
+        os._exit(1)
+    if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

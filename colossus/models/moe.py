@@ -56,6 +56,7 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+@torch.compiler.disable  # runs eagerly inside compiled blocks: the grouped-mm meta kernel accepts only bf16
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """Rows group_ends[e-1]:group_ends[e] of x (sorted by expert) times weight[e]: [M, d] x [E, d, f] -> [M, f]."""
     if _grouped_mm_supported(x, weight):

@@ -32,6 +32,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -172,6 +173,36 @@ def _replicated_router_losses(mesh: DeviceMesh, module: nn.Module, args: tuple, 
     return out, stats
 
 
+class _PadSequence:
+    """Sequence parallelism splits the sequence evenly over the tp ranks. Training and validation
+    sequences are model.seq_len long (which tp divides); other lengths (generation) are padded at
+    the end to a multiple of tp, with targets ignored there, and the logits cut back. Causal
+    attention keeps the padding from changing earlier positions (MoE router statistics do count it)."""
+
+    def __init__(self, tp: int):
+        self.tp = tp
+        self._cuts: list[int | None] = []
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict):
+        tokens = args[0] if args else kwargs["tokens"]
+        seq = tokens.shape[1]
+        pad = -seq % self.tp
+        self._cuts.append(seq if pad else None)
+        if not pad:
+            return None
+        targets = args[1] if len(args) > 1 else kwargs.get("targets")
+        tokens = F.pad(tokens, (0, pad))
+        if targets is not None:
+            targets = F.pad(targets, (0, pad), value=-100)  # F.cross_entropy's ignore_index
+        return (tokens, targets), {}
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        seq = self._cuts.pop() if self._cuts else None
+        if seq is not None and output is not None and output.logits is not None:
+            output.logits = output.logits[:, :seq]
+        return output
+
+
 # ------------------------------------------------------------------ the plan
 
 
@@ -242,6 +273,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
         model.norm.register_forward_hook(
             lambda m, args, out: DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False))
 
+    if sequence_parallel:
+        padding = _PadSequence(tp)
+        model.register_forward_pre_hook(padding.before, with_kwargs=True)
     if vocab_parallel:
         # The cross-entropy is a replicated DTensor and is summed with the MoE losses, plain tensors
         # that autograd could not mix with it: make those replicated DTensors too.
@@ -251,3 +285,5 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
         hooks = _VocabParallelOutput()
         model.register_forward_pre_hook(hooks.before, with_kwargs=True)
         model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
+    if sequence_parallel:
+        model.register_forward_hook(padding.after, with_kwargs=True, always_call=True)
