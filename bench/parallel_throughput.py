@@ -29,6 +29,7 @@ RUNS = [  # (label, processes, [parallel] keys)
     ("2 x dp_shard", 2, {}),
     ("4 x dp_shard", 4, {}),
     ("dp_replicate=2 x dp_shard=2", 4, {"dp_replicate": 2}),
+    ("dp_shard=2 x tp=2", 4, {"tp": 2}),
     ("dp_shard=2 x ep=2", 4, {"ep": 2}),
     ("ep=4", 4, {"ep": 4}),
 ]

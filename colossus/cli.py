@@ -30,7 +30,10 @@ examples:
   colossus train --set model.preset=small --set data.tokenizer=bpe --set model.vocab_size=4096
 
 The run folder holds config.toml (resolved config), metrics.jsonl, events.jsonl, tb/ (TensorBoard),
-checkpoints/step-N/ and summary.json. Values in --set are TOML: numbers, true/false, "strings"."""
+checkpoints/step-N/ and summary.json. Values in --set are TOML: numbers, true/false, "strings".
+
+exit status: 0 done; 2 bad input (one line on stderr); 75 stopped by SIGTERM/SIGINT after writing a
+checkpoint (run the same command to continue); 86 a hung rank stopped by the watchdog."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +95,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / config.model.name
     summary = train(config, out)
+    if summary["preempted"]:
+        from colossus.train.guards import EXIT_PREEMPTED
+
+        return EXIT_PREEMPTED
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "
           f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {out}")

@@ -95,7 +95,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     interval: int = 50  # steps between validation passes; one is always run at the end
-    batches: int = 8  # validation batches of train.micro_batch sequences
+    batches: int = 8  # validation batches of train.global_batch sequences
     sample_tokens: int = 200  # tokens generated at the end of the run (0 = none)
     sample_prompt: str = "def "
 
@@ -122,6 +122,14 @@ class ParallelConfig:
 
 
 @dataclass
+class FaultsConfig:
+    max_bad_steps: int = 3  # consecutive non-finite steps before rolling back to the last checkpoint
+    hang_timeout_s: float = 1800.0  # exit (for the launcher to restart) after this long without progress; 0 = off
+    inject_nan_at_step: int = 0  # testing: poison the loss of this step (0 = never), once per process
+    inject_nan_count: int = 1  # testing: how many consecutive steps to poison
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,6 +138,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -309,5 +318,9 @@ def validate(config: RunConfig) -> None:
         _positive(f"parallel.{key}", getattr(p, key))
     if p.activation_checkpoint not in ("none", "full", "selective"):
         raise UserError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} is not one of none, full, selective")
+    f = config.faults
+    _positive("faults.max_bad_steps", f.max_bad_steps)
+    if f.hang_timeout_s < 0 or f.inject_nan_at_step < 0 or f.inject_nan_count < 1:
+        raise UserError("faults.hang_timeout_s and faults.inject_nan_at_step must be >= 0 and faults.inject_nan_count >= 1")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")

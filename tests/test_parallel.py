@@ -22,6 +22,7 @@ STEPS = 10
 LAYOUTS = {
     "dp_shard=4": {},
     "dp_replicate=2,dp_shard=2": {"dp_replicate": 2},
+    "dp_shard=2,tp=2": {"tp": 2},
     "dp_shard=2,ep=2": {"ep": 2},
     "ep=4": {"ep": 4},
 }
@@ -88,7 +89,7 @@ def test_layout_matches_single_process(runs: dict[str, Path], layout: str) -> No
     assert reference[STEPS]["loss"] < reference[1]["loss"] - 0.5  # and the model does learn
 
 
-@pytest.mark.parametrize("target", ["single", "dp_shard=2,ep=2"])
+@pytest.mark.parametrize("target", ["single", "dp_shard=2,tp=2"])
 def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], target: str) -> None:
     """Saved under dp_shard=4 at step 5, resumed under another layout: steps 6-10 match within 1e-5."""
     root = runs["root"]
@@ -102,7 +103,7 @@ def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], target: str) 
         assert result.returncode == 0, result.stderr
         output = result.stdout
     else:
-        output = finish(torchrun([str(runs["config"]), "--out", str(resumed), "--set", "parallel.ep=2"], root))
+        output = finish(torchrun([str(runs["config"]), "--out", str(resumed), "--set", "parallel.tp=2"], root))
     assert "resumed" in output and "from step 5" in output
     uninterrupted = losses(runs["dp_shard=4"])
     after = losses(resumed)
@@ -167,6 +168,7 @@ def test_layout_world_mismatch_names_the_numbers(cfg: ParallelConfig, world: int
     (Layout(1, 1, 3, 1), ModelConfig(), TrainConfig(global_batch=6, micro_batch=2), "n_experts"),
     (Layout(1, 1, 2, 1), ModelConfig(n_experts=1, top_k=1), TrainConfig(), "model.n_experts > 1"),
     (Layout(1, 1, 1, 8), ModelConfig(), TrainConfig(), "n_heads"),
+    (Layout(1, 1, 2, 2), ModelConfig(), TrainConfig(), "together with parallel.ep"),
     (Layout(1, 3, 1, 1), ModelConfig(), TrainConfig(global_batch=8, micro_batch=8), "global_batch"),
 ])
 def test_layout_that_does_not_fit_the_model(layout: Layout, model: ModelConfig, train: TrainConfig, key: str) -> None:

@@ -5,6 +5,7 @@ per-step losses and gradient norms of both, the largest relative differences of 
 and the result of a full-state-dict check, as JSON (rank 0).
 
 usage: torchrun --nproc-per-node N tests/tp_worker.py --dp D --tp T --out result.json [--cases ...]
+       [--fsdp] [--hsdp] [--ac] [--compile]   (N = D x T; the flags are for manual checks)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CASES = {
     "dense": (DENSE, False, False),
     "dense-sp-vp": (DENSE, True, True),
     "moe-sp": (MOE, True, False),
+    "dense-sp": (DENSE, True, False),
     "dense-vp": (DENSE, False, True),
     "dense-untied-sp-vp": (dataclasses.replace(DENSE, tie_embeddings=False), True, True),
     "moe-pre-sp-vp": (dataclasses.replace(MOE, norm="pre", attn_softcap=0.0), True, True),

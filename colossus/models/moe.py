@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from colossus.config import ModelConfig
 
@@ -69,7 +70,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
 def local_shard(weight: torch.Tensor) -> torch.Tensor:
     """The part of a weight this rank computes with: expert or tensor parallelism turns expert
     weights into DTensors, and the grouped matmul runs on their local shard."""
-    return weight.to_local() if hasattr(weight, "to_local") else weight
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 class GroupedExperts(nn.Module):

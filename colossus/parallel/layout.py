@@ -65,6 +65,8 @@ def check_layout_fits(layout: Layout, model: ModelConfig, train: TrainConfig) ->
         raise UserError(f"parallel.ep={layout.ep} needs a mixture-of-experts model (model.n_experts > 1)")
     if model.n_experts % layout.ep:
         raise UserError(f"parallel.ep={layout.ep} does not divide model.n_experts={model.n_experts}; each rank holds n_experts/ep experts")
+    if layout.tp > 1 and layout.ep > 1:
+        raise UserError(f"parallel.tp={layout.tp} together with parallel.ep={layout.ep} is not available yet; use one of them")
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "seq_len", "vocab_size"):
         if getattr(model, key) % layout.tp:
             raise UserError(f"parallel.tp={layout.tp} does not divide model.{key}={getattr(model, key)}; tensor parallelism splits it")

@@ -12,17 +12,17 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from colossus.config import ParallelConfig, TrainConfig
-from colossus.errors import UserError
 from colossus.models.grok import Transformer
 from colossus.models.moe import MoE
 from colossus.parallel.expert import apply_expert_parallel
 from colossus.parallel.layout import Layout, Meshes
+from colossus.parallel.tensor import apply_tensor_parallel
 
 
 def parallelize(model: Transformer, layout: Layout, mesh: Meshes | None, pcfg: ParallelConfig, tcfg: TrainConfig,
                 device: torch.device) -> None:
     if layout.tp > 1:
-        raise UserError("parallel.tp > 1: tensor parallelism is not available yet; use dp_replicate, dp_shard and ep")
+        apply_tensor_parallel(model, mesh.tp)
     if layout.ep > 1:
         for layer in model.layers:
             apply_expert_parallel(layer.ffn.experts, mesh.ep, model.cfg.n_experts)
@@ -31,7 +31,9 @@ def parallelize(model: Transformer, layout: Layout, mesh: Meshes | None, pcfg: P
     if tcfg.compile:
         for layer in model.layers:
             layer.compile()
-    if layout.dp > 1:
+    if layout.dp > 1 or layout.tp > 1:
+        # With tp alone, FSDP over the one-rank dense mesh still makes every parameter a DTensor:
+        # tensor parallelism leaves the router plain, and foreach AdamW cannot mix the two kinds.
         apply_fsdp(model, layout, mesh, pcfg, device)
 
 

@@ -102,7 +102,7 @@ class _LossParallelBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss: torch.Tensor, switch: "_LossParallelSwitch") -> torch.Tensor:
         ctx.switch = switch
-        return loss.clone()
+        return loss.clone()  # not a view (see _plain)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -128,16 +128,17 @@ class _LossParallelSwitch:
 
 
 class _VocabParallelOutput:
-    """Model-level hooks for vocabulary parallelism: loss_parallel on during the forward (the
-    cross-entropy inside Transformer.forward sees vocabulary-sharded DTensor logits), and the outputs
-    turned back into plain tensors: the loss (replicated), and the logits gathered when the caller
-    asked for logits only (generation). With targets, the sharded logits are not gathered: the
-    output's logits are None, as ModelOutput allows when the loss was asked for."""
+    """Hooks for vocabulary parallelism: loss_parallel on from the final norm to the end of the
+    model's forward (the output projection and the cross-entropy inside Transformer.forward, which
+    see vocabulary-sharded DTensor logits; not the blocks, which torch.compile may trace), and the
+    outputs turned back into plain tensors: the loss (replicated), and the logits gathered when the
+    caller asked for logits only (generation). With targets, the sharded logits are not gathered:
+    the output's logits are None, as ModelOutput allows when the loss was asked for."""
 
     def __init__(self):
         self.forward_switch = _LossParallelSwitch()
 
-    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def after_final_norm(self, module: nn.Module, args: tuple, output) -> None:
         self.forward_switch.enter()
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -145,23 +146,26 @@ class _VocabParallelOutput:
         if output is None:  # the forward raised; always_call only guarantees the context is left
             return None
         logits, loss = output.logits, output.loss
-        if loss is not None and isinstance(loss, DTensor):
-            loss = loss.to_local()
-            if loss.requires_grad:
+        if isinstance(loss, DTensor):
+            if loss.requires_grad and isinstance(logits, DTensor) and logits.requires_grad:
                 backward_switch = _LossParallelSwitch()
-                loss = _LossParallelBackward.apply(loss, backward_switch)
-                if isinstance(logits, DTensor) and logits.requires_grad:
-                    logits.register_hook(lambda grad: backward_switch.exit())
-            output.loss = loss
-        if isinstance(output.ce_loss, DTensor):
-            output.ce_loss = output.ce_loss.to_local()
-        for name in ("aux_loss", "z_loss"):
+                output.loss = _LossParallelBackward.apply(loss.to_local(), backward_switch)
+                logits.register_hook(lambda grad: backward_switch.exit())
+            else:
+                output.loss = _plain(loss)
+        for name in ("ce_loss", "aux_loss", "z_loss"):
             value = getattr(output, name)
             if isinstance(value, DTensor):
-                setattr(output, name, value.to_local())
+                setattr(output, name, _plain(value))
         if isinstance(logits, DTensor):
             output.logits = logits.full_tensor() if output.loss is None else None
         return output
+
+
+def _plain(value: DTensor) -> torch.Tensor:
+    """The local value of a replicated DTensor, as a tensor of its own (to_local returns a view, which
+    FSDP warns about on a root module's outputs)."""
+    return value.to_local().clone()
 
 
 def _replicated_router_losses(mesh: DeviceMesh, module: nn.Module, args: tuple, output: tuple) -> tuple:
@@ -199,7 +203,7 @@ class _PadSequence:
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
         seq = self._cuts.pop() if self._cuts else None
         if seq is not None and output is not None and output.logits is not None:
-            output.logits = output.logits[:, :seq]
+            output.logits = output.logits[:, :seq].clone()  # a copy, not a view (see _plain)
         return output
 
 
@@ -283,7 +287,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
             if isinstance(layer.ffn, MoE):
                 layer.ffn.register_forward_hook(partial(_replicated_router_losses, tp_mesh))
         hooks = _VocabParallelOutput()
-        model.register_forward_pre_hook(hooks.before, with_kwargs=True)
+        model.norm.register_forward_hook(hooks.after_final_norm)
         model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
     if sequence_parallel:
         model.register_forward_hook(padding.after, with_kwargs=True, always_call=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 import tomllib
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from colossus.models.grok import Transformer, build_model
 from colossus.parallel.parallelize import clip_grad_norm, parallelize
 from colossus.parallel.runtime import Runtime, setup_runtime
 from colossus.train.checkpoint import Checkpointer
+from colossus.train.guards import HangWatchdog, PreemptionGuard
 from colossus.train.metrics import MetricsLogger
 from colossus.train.optim import build_optimizer, build_scheduler
 from colossus.train.peak import device_peak_flops
@@ -42,12 +44,17 @@ class Progress:
     step: int = 0
     tokens: int = 0
     elapsed_s: float = 0.0  # training wall time summed over all segments of the run
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite gradient
+    skip_batches: list[str] = field(default_factory=list)  # loader positions of batches that broke a run
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s}
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s,
+                "skipped_steps": self.skipped_steps, "skip_batches": list(self.skip_batches)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.elapsed_s = int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skip_batches = list(state.get("skip_batches", []))
 
 
 @dataclass
@@ -86,6 +93,7 @@ class StepResult:
     aux_loss: torch.Tensor | None
     z_loss: torch.Tensor | None
     expert_load: torch.Tensor | None  # [n_layers, n_experts]
+    skipped: bool = False  # the gradient was not finite: no update was applied
 
 
 def set_threads(cfg: TrainConfig) -> None:
@@ -99,8 +107,10 @@ def set_threads(cfg: TrainConfig) -> None:
 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-               inputs: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, device: torch.device) -> StepResult:
-    """One optimizer step over this rank's share of the global batch, in micro-batches."""
+               inputs: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, device: torch.device,
+               poison: bool = False) -> StepResult:
+    """One optimizer step over this rank's share of the global batch, in micro-batches. A step whose
+    gradient norm is not finite applies no update (`poison` makes its loss NaN, for testing)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     n_micro = inputs.shape[0] // cfg.micro_batch if inputs.shape[0] >= cfg.micro_batch else 1
     loss_sum = aux_sum = z_sum = load_sum = None
@@ -108,18 +118,23 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             out = model(x, y)
-        (out.loss / n_micro).backward()
+        loss = out.loss * float("nan") if poison else out.loss
+        (loss / n_micro).backward()
         loss_sum = out.ce_loss if loss_sum is None else loss_sum + out.ce_loss
         if out.aux_loss is not None:
             aux_sum = out.aux_loss.detach() if aux_sum is None else aux_sum + out.aux_loss.detach()
             z_sum = out.z_loss.detach() if z_sum is None else z_sum + out.z_loss.detach()
             load_sum = out.expert_load if load_sum is None else load_sum + out.expert_load
     grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
-    optimizer.step()
+    # The one host sync of every step: the norm is global (the same on every rank), so all ranks agree.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     mean = (lambda t: None if t is None else t / n_micro)
-    return StepResult(loss_sum / n_micro, grad_norm, mean(aux_sum), mean(z_sum), mean(load_sum))
+    loss_mean = loss_sum / n_micro if not poison else torch.tensor(float("nan"))
+    return StepResult(loss_mean, grad_norm, mean(aux_sum), mean(z_sum), mean(load_sum), skipped=not finite)
 
 
 @torch.no_grad()
@@ -216,7 +231,8 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
 
     flops_per_token = modelmath.flops_per_token(mcfg)
     peak = device_peak_flops(device, cache_root(config.data))
-    val_batches = validation_batches(data.val, mcfg.seq_len, tcfg.micro_batch * layout.dp, config.eval.batches,
+    # eval.batches global batches of validation windows: the same set whatever the layout.
+    val_batches = validation_batches(data.val, mcfg.seq_len, tcfg.global_batch, config.eval.batches,
                                      runtime.dp_rank, layout.dp)
     baseline = unigram_loss(data.train, data.val, mcfg.vocab_size)
     logger.print(
@@ -231,53 +247,94 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     segment_start, elapsed_before = time.perf_counter(), progress.elapsed_s
     window_start, window_steps = segment_start, 0  # throughput window: training steps only
     val_loss = None
+    faults = config.faults
+    poisoned_left = faults.inject_nan_count if faults.inject_nan_at_step else 0
+    consecutive_bad = 0
+    preempted = False
     model.train()
+    watchdog = HangWatchdog(faults.hang_timeout_s, on_hang=lambda step, stuck: logger.event("hang", step=step, stuck_s=stuck))
     try:
-        while progress.step < tcfg.steps:
-            lr = scheduler.get_last_lr()[0]
-            inputs, targets = loader.next_batch()
-            result = train_step(model, optimizer, scheduler, inputs, targets, tcfg, device)
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            progress.elapsed_s = elapsed_before + time.perf_counter() - segment_start
-            window_steps += 1
-            last = progress.step == tcfg.steps
+        with PreemptionGuard() as preemption, watchdog:
+            while progress.step < tcfg.steps:
+                position = loader_position(loader)
+                if position in progress.skip_batches:
+                    loader.next_batch()  # a batch that broke this run before: consume it, train on the next
+                    logger.event("skip_batch", step=progress.step, batch=position)
+                    continue
+                lr = scheduler.get_last_lr()[0]
+                inputs, targets = loader.next_batch()
+                poison = poisoned_left > 0 and progress.step + 1 >= faults.inject_nan_at_step
+                poisoned_left -= int(poison)
+                result = train_step(model, optimizer, scheduler, inputs, targets, tcfg, device, poison)
+                progress.step += 1
+                progress.tokens += tokens_per_step
+                progress.elapsed_s = elapsed_before + time.perf_counter() - segment_start
+                window_steps += 1
+                watchdog.beat(progress.step)
+                last = progress.step == tcfg.steps
 
-            if progress.step % config.log.interval == 0 or last:
-                step_time = (time.perf_counter() - window_start) / window_steps
-                tokens_per_s = tokens_per_step / step_time
-                record = {
-                    "step": progress.step,
-                    "loss": runtime.dp_mean(result.loss).item(),
-                    "lr": lr,
-                    "grad_norm": result.grad_norm.item(),
-                    "tokens": progress.tokens,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * flops_per_token / (peak * layout.world_size) if peak else None,
-                    "elapsed_s": progress.elapsed_s,
-                    "step_time_s": step_time,
-                }
-                if result.aux_loss is not None:
-                    record["aux_loss"] = runtime.dp_mean(result.aux_loss).item()
-                    record["z_loss"] = runtime.dp_mean(result.z_loss).item()
-                    load = runtime.dp_mean(result.expert_load)
-                    record["expert_load"] = [[round(v, 4) for v in row] for row in load.tolist()]
-                logger.log_step(record, eta_s=(tcfg.steps - progress.step) * step_time)
-                window_start, window_steps = time.perf_counter(), 0
+                if result.skipped:
+                    progress.skipped_steps += 1
+                    consecutive_bad += 1
+                    logger.event("skipped_step", step=progress.step, grad_norm=float(result.grad_norm), batch=position)
+                    if consecutive_bad >= faults.max_bad_steps:
+                        restored = rollback(checkpointer, state, position, progress.step, faults.max_bad_steps, logger)
+                        progress = state.progress
+                        consecutive_bad = 0
+                        elapsed_before, segment_start = progress.elapsed_s, time.perf_counter()
+                        window_start, window_steps = time.perf_counter(), 0
+                        logger.print(f"rolled back to step {restored} after {faults.max_bad_steps} non-finite steps; "
+                                     f"skipping batch {position}")
+                        continue
+                else:
+                    consecutive_bad = 0
 
-            paused = False  # validation and saving are not training throughput
-            if progress.step % config.eval.interval == 0 or last:
-                val_loss = evaluate(model, val_batches, runtime)
-                logger.log_validation(progress.step, val_loss, progress.elapsed_s)
-                paused = True
+                if progress.step % config.log.interval == 0 or last:
+                    step_time = (time.perf_counter() - window_start) / window_steps
+                    tokens_per_s = tokens_per_step / step_time
+                    record = {
+                        "step": progress.step,
+                        "loss": runtime.dp_mean(result.loss).item(),
+                        "lr": lr,
+                        "grad_norm": result.grad_norm.item(),
+                        "tokens": progress.tokens,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * flops_per_token / (peak * layout.world_size) if peak else None,
+                        "elapsed_s": progress.elapsed_s,
+                        "step_time_s": step_time,
+                    }
+                    if result.aux_loss is not None:
+                        record["aux_loss"] = runtime.dp_mean(result.aux_loss).item()
+                        record["z_loss"] = runtime.dp_mean(result.z_loss).item()
+                        load = runtime.dp_mean(result.expert_load)
+                        record["expert_load"] = [[round(v, 4) for v in row] for row in load.tolist()]
+                    logger.log_step(record, eta_s=(tcfg.steps - progress.step) * step_time)
+                    window_start, window_steps = time.perf_counter(), 0
 
-            if progress.step % config.checkpoint.interval == 0 or last:
-                path = checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
-                logger.event("checkpoint", step=progress.step, path=str(path))
-                paused = True
+                paused = False  # validation and saving are not training throughput
+                if progress.step % config.eval.interval == 0 or last:
+                    val_loss = evaluate(model, val_batches, runtime)
+                    logger.log_validation(progress.step, val_loss, progress.elapsed_s)
+                    paused = True
 
-            if paused:
-                window_start, window_steps = time.perf_counter(), 0
+                if progress.step % config.checkpoint.interval == 0 or last:
+                    path = checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
+                    logger.event("checkpoint", step=progress.step, path=str(path))
+                    paused = True
+
+                if preemption.should_stop():
+                    if progress.step % config.checkpoint.interval and not last:
+                        checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
+                    signame = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
+                    logger.event("preempted", step=progress.step, signal=signame)
+                    logger.print(f"stopped by {signame} at step {progress.step}; checkpoint written; "
+                                 "run the same command again to continue")
+                    preempted = True
+                    break
+
+                if paused:
+                    window_start, window_steps = time.perf_counter(), 0
+                    watchdog.beat(progress.step)
     finally:
         logger.close()
 
@@ -290,13 +347,37 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         "params_total": modelmath.params_total(mcfg),
         "params_active": modelmath.params_active(mcfg),
         "flops_per_token": flops_per_token,
+        "skipped_steps": progress.skipped_steps,
+        "preempted": preempted,
     }
-    if config.eval.sample_tokens > 0:
+    if config.eval.sample_tokens > 0 and not preempted:
         summary["sample"] = sample_text(model, data.tokenizer, config, device)
         logger.print(f"sample:\n{summary['sample']}")
     if runtime.is_main:
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def loader_position(loader: TokenLoader) -> str:
+    """Where the loader stands, as a short stable label (epoch:cursor)."""
+    state = loader.state_dict()
+    return f"{state['epoch']}:{state['cursor']}"
+
+
+def rollback(checkpointer: Checkpointer, state: TrainingState, bad_batch: str, step: int, bad_steps: int,
+             logger: MetricsLogger) -> int:
+    """Reload the newest intact checkpoint after `bad_steps` consecutive non-finite steps, and mark the
+    last batch so the replay skips it. Without a checkpoint there is nothing to go back to: stop."""
+    skip = sorted(set(state.progress.skip_batches) | {bad_batch})
+    skipped_steps = state.progress.skipped_steps
+    restored = checkpointer.load_latest({"train": state})
+    if restored is None:
+        raise UserError(f"{bad_steps} consecutive steps up to step {step} had non-finite gradients and there is no "
+                        "checkpoint to roll back to; lower train.lr or check the data, then train again")
+    state.progress.skip_batches = sorted(set(state.progress.skip_batches) | set(skip))
+    state.progress.skipped_steps = skipped_steps
+    logger.event("rollback", from_step=step, to_step=restored, skip_batch=bad_batch)
+    return restored
 
 
 def sample_text(model: Transformer, tokenizer, config: RunConfig, device: torch.device) -> str:
