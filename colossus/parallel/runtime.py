@@ -42,6 +42,9 @@ class Runtime:
 
     def close(self) -> None:
         if dist.is_initialized():
+            # Let every rank finish its last collective before any tears the group down: a rank that
+            # exits while gloo still serves a peer can abort ("terminate called ...") under load.
+            dist.barrier()
             dist.destroy_process_group()
 
 
