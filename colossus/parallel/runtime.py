@@ -40,11 +40,13 @@ class Runtime:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp.get_group())
         return total / self.layout.dp
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
         if dist.is_initialized():
-            # Let every rank finish its last collective before any tears the group down: a rank that
-            # exits while gloo still serves a peer can abort ("terminate called ...") under load.
-            dist.barrier()
+            if finished:
+                # Let every rank finish its last collective before any tears the group down: a rank
+                # that exits while gloo still serves a peer can abort ("terminate called ...") under
+                # load. Only after a clean finish: a failing rank must not wait for healthy ones.
+                dist.barrier()
             dist.destroy_process_group()
 
 

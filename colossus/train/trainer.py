@@ -191,10 +191,13 @@ def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     check_run_folder(out, config)
     runtime = setup_runtime(config)  # layout checked against world size and model before any build
+    finished = False
     try:
-        return _train(config, out, runtime)
+        summary = _train(config, out, runtime)
+        finished = True
+        return summary
     finally:
-        runtime.close()
+        runtime.close(finished)
 
 
 def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
