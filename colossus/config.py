@@ -90,6 +90,7 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 50  # steps between checkpoints; a final one is always written
     keep: int = 3  # complete checkpoints to keep (the newest is never deleted)
+    async_save: bool = True  # write in the background; training blocks only while the state is copied
 
 
 @dataclass

@@ -138,3 +138,40 @@ def test_resave_of_same_step_replaces_it_whole(tmp_path: Path) -> None:
     loaded_layer.load_state_dict(loaded["model"])
     assert torch.equal(loaded_layer.weight, layer.weight) and counter.value == 123
     assert not list((tmp_path / "ckpt").glob(".step-*"))
+
+
+def test_async_save_snapshots_state_and_commits_on_finish(tmp_path: Path) -> None:
+    """An asynchronous save keeps what the state was when save() returned, even if training then
+    changes the weights; it becomes visible only once finished and committed."""
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=3, asynchronous=True)
+    state, layer, counter = make_state(7)
+    saved = layer.weight.detach().clone()
+    checkpointer.save(7, state)
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # the next training step
+    counter.value = 99
+    assert checkpointer.pending is not None
+    checkpointer.finish()
+    assert checkpointer.pending is None and verify(tmp_path / "ckpt" / "step-7") is None
+    loaded, loaded_layer, loaded_counter = make_state(0)
+    assert checkpointer.load_latest(loaded) == 7
+    loaded_layer.load_state_dict(loaded["model"])
+    assert torch.equal(loaded_layer.weight, saved) and loaded_counter.value == 7
+
+
+def test_async_save_commits_in_the_background(tmp_path: Path) -> None:
+    """Once written, an asynchronous checkpoint is committed without waiting for finish(): a run
+    killed between two saves still finds it."""
+    import time
+
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=3, asynchronous=True)
+    save_steps(checkpointer, [3])
+    checkpointer.finish()
+    state, _, _ = make_state(5)
+    checkpointer.save(5, state)
+    deadline = time.time() + 60
+    while [step for step, _ in checkpointer.step_folders()] != [5, 3] and time.time() < deadline:
+        time.sleep(0.05)
+    assert [step for step, _ in checkpointer.step_folders()] == [5, 3]
+    assert verify(tmp_path / "ckpt" / "step-5") is None
+    checkpointer.finish()

@@ -14,9 +14,10 @@ import json
 import os
 import re
 import shutil
+import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,6 +67,10 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def _is_coordinator() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -89,9 +94,23 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 @dataclass
+class PendingSave:
+    step: int
+    partial: Path
+    final: Path
+    extra: dict[str, Any]
+    future: Any  # concurrent.futures.Future of dcp.async_save
+    committed: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+@dataclass
 class Checkpointer:
     folder: Path  # RUN/checkpoints
     keep: int
+    asynchronous: bool = False  # write in a background thread; the loop blocks only while staging
+    pending: PendingSave | None = None
+    _group: Any = None  # a separate gloo group for background saves, so they never interleave with training collectives
 
     def step_folders(self) -> list[tuple[int, Path]]:
         """Committed-looking step folders, newest first (not yet verified)."""
@@ -106,26 +125,66 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
         """Write `state` (a DCP state dict; Stateful values are asked for their state) as step-N.
-        Every rank writes its shards; rank 0 then commits (manifest, marker, rename) alone."""
+        Every rank writes its shards; rank 0 then commits (manifest, marker, rename) alone. Asynchronous
+        saves return once the state is staged in memory; the commit happens when the next save starts
+        (which first waits for this one) or at `finish()`."""
+        self.finish()  # a new save waits for the previous one
         final = self.folder / f"step-{step}"
         partial = self.folder / f".step-{step}.partial"
-        coordinator = not dist.is_initialized() or dist.get_rank() == 0
-        if coordinator:
+        if _is_coordinator():
             if partial.exists():
                 shutil.rmtree(partial)  # our own leftover from a crashed save of this step
             partial.mkdir(parents=True)
         _barrier()
         with _single_process_quiet():
+            if self.asynchronous:
+                if dist.is_initialized() and self._group is None:
+                    self._group = dist.new_group(backend="gloo")
+                future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group,
+                                        no_dist=not dist.is_initialized())
+                self.pending = PendingSave(step, partial, final, extra or {}, future)
+                if _is_coordinator():
+                    # The coordinator's save completes only after every rank's files are written, so
+                    # it can commit at once, from the writer thread, while training goes on.
+                    future.add_done_callback(lambda done, save=self.pending: self._commit_when_written(save))
+                return final
             dcp.save(state, checkpoint_id=str(partial))  # returns once every rank's files are written
-        if coordinator:
-            write_manifest(partial, step, extra or {})
-            _write_atomic(partial / COMMITTED, f"{step}\n")
-            if final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            self._prune()
-        _barrier()
+        self._commit(PendingSave(step, partial, final, extra or {}, None))
         return final
+
+    def finish(self) -> None:
+        """Wait until a background save is written and committed (a no-op when none is pending)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.future.result()  # raises if the write failed: the partial folder is never committed
+            if _is_coordinator():
+                pending.committed.wait()
+                if pending.error is not None:
+                    raise pending.error
+            _barrier()
+
+    def _commit_when_written(self, save: PendingSave) -> None:
+        try:
+            if save.future.exception() is None:
+                self._commit_files(save)
+        except BaseException as exc:  # reported by finish() on the main thread
+            save.error = exc
+        finally:
+            save.committed.set()
+
+    def _commit(self, save: PendingSave) -> None:
+        if _is_coordinator():
+            self._commit_files(save)
+        _barrier()
+
+    def _commit_files(self, save: PendingSave) -> None:
+        """Manifest, then the COMMITTED marker, then one atomic rename: only now is it visible."""
+        write_manifest(save.partial, save.step, save.extra)
+        _write_atomic(save.partial / COMMITTED, f"{save.step}\n")
+        if save.final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
+            shutil.rmtree(save.final)
+        os.replace(save.partial, save.final)
+        self._prune()
 
     def _prune(self) -> None:
         """Keep the newest `keep` complete checkpoints; the newest is never deleted."""

@@ -216,7 +216,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, tcfg)
     loader = TokenLoader(data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp, tcfg.seed)
     state = TrainingState(model, optimizer, scheduler, loader)
-    checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep)
+    checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
 
     # --- resume from the newest intact checkpoint, if any; only then touch the run folder
     warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
@@ -328,6 +328,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 if preemption.should_stop():
                     if progress.step % config.checkpoint.interval and not last:
                         checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
+                    checkpointer.finish()
                     signame = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
                     logger.event("preempted", step=progress.step, signal=signame)
                     logger.print(f"stopped by {signame} at step {progress.step}; checkpoint written; "
@@ -338,6 +339,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 if paused:
                     window_start, window_steps = time.perf_counter(), 0
                     watchdog.beat(progress.step)
+            checkpointer.finish()  # the last checkpoint is complete before the run reports success
     finally:
         logger.close()
 
@@ -373,6 +375,7 @@ def rollback(checkpointer: Checkpointer, state: TrainingState, bad_batch: str, s
     last batch so the replay skips it. Without a checkpoint there is nothing to go back to: stop."""
     skip = sorted(set(state.progress.skip_batches) | {bad_batch})
     skipped_steps = state.progress.skipped_steps
+    checkpointer.finish()
     restored = checkpointer.load_latest({"train": state})
     if restored is None:
         raise UserError(f"{bad_steps} consecutive steps up to step {step} had non-finite gradients and there is no "
