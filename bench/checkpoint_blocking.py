@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--saves", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--gap", type=float, default=10.0, help="seconds of 'training' between saves")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -52,7 +53,7 @@ def main() -> None:
                 start = time.perf_counter()
                 checkpointer.save(step, state)
                 blocking.append(time.perf_counter() - start)
-                time.sleep(2.0)  # the training steps between two checkpoints
+                time.sleep(args.gap)  # the training steps between two checkpoints
             checkpointer.finish()
             size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / max(len(checkpointer.step_folders()), 1)
             results[mode] = {"blocking_s": statistics.median(blocking), "total_s": time.perf_counter() - started,
@@ -63,7 +64,7 @@ def main() -> None:
         return
     print(f"command: python {' '.join(sys.argv)}")
     print(f"model {cfg.name}: {modelmath.params_total(cfg) / 1e6:.0f}M parameters, checkpoint "
-          f"{results['sync']['bytes'] / 1e9:.2f} GB, {args.saves} saves each way, 2 s of 'training' between saves")
+          f"{results['sync']['bytes'] / 1e9:.2f} GB, {args.saves} saves each way, {args.gap:g} s of 'training' between saves")
     for mode in ("sync", "async"):
         print(f"  {mode:<5} blocks the loop {results[mode]['blocking_s']:6.2f} s per checkpoint (median)")
     print(f"  synchronous / asynchronous blocking time: {ratio:.1f}x")
