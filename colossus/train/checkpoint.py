@@ -16,10 +16,9 @@ import re
 import shutil
 import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -29,6 +28,10 @@ from colossus.errors import UserError
 COMMITTED = "COMMITTED"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# DCP warns on every single-process save, also from the background writer thread where no_dist is
+# not passed on; one process is a supported case here, so the warning only adds noise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def file_checksum(path: Path) -> str:
@@ -74,14 +77,6 @@ def _is_coordinator() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-@contextmanager
-def _single_process_quiet() -> Iterator[None]:
-    """DCP warns on every call without a process group; one process is a supported case here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -136,19 +131,18 @@ class Checkpointer:
                 shutil.rmtree(partial)  # our own leftover from a crashed save of this step
             partial.mkdir(parents=True)
         _barrier()
-        with _single_process_quiet():
-            if self.asynchronous:
-                if dist.is_initialized() and self._group is None:
-                    self._group = dist.new_group(backend="gloo")
-                future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group,
-                                        no_dist=not dist.is_initialized())
-                self.pending = PendingSave(step, partial, final, extra or {}, future)
-                if _is_coordinator():
-                    # The coordinator's save completes only after every rank's files are written, so
-                    # it can commit at once, from the writer thread, while training goes on.
-                    future.add_done_callback(lambda done, save=self.pending: self._commit_when_written(save))
-                return final
-            dcp.save(state, checkpoint_id=str(partial))  # returns once every rank's files are written
+        if self.asynchronous:
+            if dist.is_initialized() and self._group is None:
+                self._group = dist.new_group(backend="gloo")
+            future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group,
+                                    no_dist=not dist.is_initialized())
+            self.pending = PendingSave(step, partial, final, extra or {}, future)
+            if _is_coordinator():
+                # The coordinator's save completes only after every rank's files are written, so
+                # it can commit at once, from the writer thread, while training goes on.
+                future.add_done_callback(lambda done, save=self.pending: self._commit_when_written(save))
+            return final
+        dcp.save(state, checkpoint_id=str(partial), no_dist=not dist.is_initialized())  # returns once every rank's files are written
         self._commit(PendingSave(step, partial, final, extra or {}, None))
         return final
 
@@ -202,8 +196,7 @@ class Checkpointer:
             problem = verify(path)
             if problem is None:
                 try:
-                    with _single_process_quiet():
-                        dcp.load(state, checkpoint_id=str(path))
+                    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
                 except Exception as exc:  # DCP raises many types for unreadable files
                     problem = f"{path} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
                 else:
