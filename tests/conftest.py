@@ -14,6 +14,18 @@ from colossus.config import RunConfig, config_from_dict
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one intra-op thread avoids OpenMP spin-waits that make each small
+    matmul milliseconds slower on a busy 2-core machine. The previous setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 1 MB of real Python source copied from the standard library (a fixed list of modules)."""

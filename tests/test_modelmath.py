@@ -14,14 +14,7 @@ from colossus.config import ModelConfig
 from colossus.models.grok import build_model
 from colossus.models.presets import get_preset
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread avoids OpenMP spin-waits that make each small matmul
-    milliseconds slower on a busy 2-core machine. The previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASE = ModelConfig(name="t", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
