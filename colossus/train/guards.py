@@ -50,9 +50,10 @@ class PreemptionGuard:
 
     def should_stop(self) -> bool:
         """True on every rank once any rank received a signal (one tiny all-reduce per step)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received is not None  # one process: no tensor, no sync
         flag = torch.tensor([1 if self.received is not None else 0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
