@@ -91,6 +91,7 @@ class CheckpointConfig:
     interval: int = 50  # steps between checkpoints; a final one is always written
     keep: int = 3  # complete checkpoints to keep (the newest is never deleted)
     async_save: bool = True  # write in the background; training blocks only while the state is copied
+    on_error: str = "continue"  # a save that fails (disk full, ...): "continue" training, or "stop" the run
 
 
 @dataclass
@@ -128,6 +129,9 @@ class FaultsConfig:
     hang_timeout_s: float = 1800.0  # exit (for the launcher to restart) after this long without progress; 0 = off
     inject_nan_at_step: int = 0  # testing: poison the loss of this step (0 = never), once per process
     inject_nan_count: int = 1  # testing: how many consecutive steps to poison
+    # testing: SIGKILL rank 0 once every rank's files of this step's checkpoint are written but before
+    # it is committed (0 = never); only in a run's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0)
+    inject_kill_in_save_at_step: int = 0
 
 
 @dataclass
@@ -307,6 +311,8 @@ def validate(config: RunConfig) -> None:
         raise UserError(f"train.threads must be >= 0, got {t.threads}")
     _positive("checkpoint.interval", config.checkpoint.interval)
     _positive("checkpoint.keep", config.checkpoint.keep)
+    if config.checkpoint.on_error not in ("continue", "stop"):
+        raise UserError(f"checkpoint.on_error={config.checkpoint.on_error!r} is not one of continue, stop")
     _positive("eval.interval", config.eval.interval)
     _positive("eval.batches", config.eval.batches)
     if config.eval.sample_tokens < 0:
@@ -321,7 +327,8 @@ def validate(config: RunConfig) -> None:
         raise UserError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} is not one of none, full, selective")
     f = config.faults
     _positive("faults.max_bad_steps", f.max_bad_steps)
-    if f.hang_timeout_s < 0 or f.inject_nan_at_step < 0 or f.inject_nan_count < 1:
-        raise UserError("faults.hang_timeout_s and faults.inject_nan_at_step must be >= 0 and faults.inject_nan_count >= 1")
+    if f.hang_timeout_s < 0 or f.inject_nan_at_step < 0 or f.inject_nan_count < 1 or f.inject_kill_in_save_at_step < 0:
+        raise UserError("faults.hang_timeout_s, faults.inject_nan_at_step and faults.inject_kill_in_save_at_step "
+                        "must be >= 0 and faults.inject_nan_count >= 1")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from colossus.errors import UserError
-from colossus.train.checkpoint import COMMITTED, MANIFEST, Checkpointer, verify
+from colossus.train.checkpoint import COMMITTED, MANIFEST, Checkpointer, CheckpointWriteError, verify
 
 
 class Counter:
@@ -175,3 +176,28 @@ def test_async_save_commits_in_the_background(tmp_path: Path) -> None:
     assert [step for step, _ in checkpointer.step_folders()] == [5, 3]
     assert verify(tmp_path / "ckpt" / "step-5") is None
     checkpointer.finish()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_failed_write_raises_and_leaves_earlier_checkpoints(tmp_path: Path, asynchronous: bool) -> None:
+    """A save the kernel refuses to write (file size limit, like a full disk) raises CheckpointWriteError
+    with the cause and the free space; the partial folder is removed and the earlier checkpoint loads."""
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=3, asynchronous=asynchronous)
+    big = {"weights": torch.randn(256, 1024)}  # 1 MiB
+    checkpointer.save(1, big)
+    checkpointer.finish()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(CheckpointWriteError) as failure:
+            checkpointer.save(2, {"weights": torch.zeros(256, 1024)})
+            checkpointer.finish()  # an asynchronous save reports here
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert failure.value.step == 2 and "GiB free in" in failure.value.reason
+    assert not (tmp_path / "ckpt" / ".step-2.partial").exists() and not (tmp_path / "ckpt" / "step-2").exists()
+    loaded = {"weights": torch.zeros(256, 1024)}
+    assert checkpointer.load_latest(loaded) == 1 and torch.equal(loaded["weights"], big["weights"])
+    checkpointer.save(3, big)  # storage is back: saving works again
+    checkpointer.finish()
+    assert verify(tmp_path / "ckpt" / "step-3") is None

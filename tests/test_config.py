@@ -264,6 +264,8 @@ def test_micro_batch_must_divide_global_batch():
         ({"train": {"min_lr_ratio": 1.5}}, "train.min_lr_ratio"),
         ({"train": {"steps": 0}}, "train.steps"),
         ({"checkpoint": {"keep": 0}}, "checkpoint.keep"),
+        ({"checkpoint": {"on_error": "ignore"}}, "checkpoint.on_error"),
+        ({"faults": {"inject_kill_in_save_at_step": -1}}, "faults.inject_kill_in_save_at_step"),
         ({"eval": {"sample_tokens": -1}}, "eval.sample_tokens"),
         ({"log": {"interval": 0}}, "log.interval"),
         ({"data": {"val_fraction": 0.5}}, "data.val_fraction"),

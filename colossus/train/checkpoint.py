@@ -5,6 +5,10 @@ the step, the config hash) and a COMMITTED marker. A checkpoint is written into 
 `.step-N.partial` folder, checked, and only then renamed to `step-N` (a rename is atomic on one
 file system), so a crash mid-write never leaves a folder that looks complete. Loading verifies the
 manifest first; a damaged checkpoint is named and skipped for the previous complete one.
+
+A save that fails (disk full, file too large, permissions) fails on every rank at once: the ranks
+agree on the outcome, the partial folder is removed, the previous checkpoints are untouched, and
+`CheckpointWriteError` says why, so the trainer can go on or stop (checkpoint.on_error).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +37,28 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # DCP warns on every single-process save, also from the background writer thread where no_dist is
 # not passed on; one process is a supported case here, so the warning only adds noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written; raised on every rank alike. Earlier checkpoints are intact."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint of step {step} was not written: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed write: the OS error and file when there is one, not DCP's tracebacks."""
+    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+    if failures:
+        rank, wrapped = sorted(failures.items())[0]
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return f"rank {rank}: {describe_failure(inner)}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def file_checksum(path: Path) -> str:
@@ -74,11 +101,6 @@ def _is_coordinator() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
@@ -96,7 +118,7 @@ class PendingSave:
     extra: dict[str, Any]
     future: Any  # concurrent.futures.Future of dcp.async_save
     committed: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+    error: str | None = None  # why the coordinator could not commit
 
 
 @dataclass
@@ -105,6 +127,7 @@ class Checkpointer:
     keep: int
     asynchronous: bool = False  # write in a background thread; the loop blocks only while staging
     pending: PendingSave | None = None
+    kill_before_commit_at: int = 0  # testing (faults.inject_kill_in_save_at_step): SIGKILL the coordinator there
     _group: Any = None  # a separate gloo group for background saves, so they never interleave with training collectives
 
     def step_folders(self) -> list[tuple[int, Path]]:
@@ -121,64 +144,114 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
         """Write `state` (a DCP state dict; Stateful values are asked for their state) as step-N.
         Every rank writes its shards; rank 0 then commits (manifest, marker, rename) alone. Asynchronous
-        saves return once the state is staged in memory; the commit happens when the next save starts
-        (which first waits for this one) or at `finish()`."""
+        saves return once the state is staged in memory; the commit happens in the background once
+        every rank's files are written, and `finish()` (called by the next save) reports the outcome.
+        A failed save raises CheckpointWriteError on every rank (for an asynchronous one: at `finish()`)."""
         self.finish()  # a new save waits for the previous one
         final = self.folder / f"step-{step}"
         partial = self.folder / f".step-{step}.partial"
+        problem = None
         if _is_coordinator():
-            if partial.exists():
-                shutil.rmtree(partial)  # our own leftover from a crashed save of this step
-            partial.mkdir(parents=True)
-        _barrier()
+            try:
+                if partial.exists():
+                    shutil.rmtree(partial)  # our own leftover from a crashed save of this step
+                partial.mkdir(parents=True)
+            except OSError as exc:
+                problem = self._describe(exc)
+        self._raise_if_any(step, partial, problem)
+        save = PendingSave(step, partial, final, extra or {}, None)
         if self.asynchronous:
-            if dist.is_initialized() and self._group is None:
-                self._group = dist.new_group(backend="gloo")
-            future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group,
-                                    no_dist=not dist.is_initialized())
-            self.pending = PendingSave(step, partial, final, extra or {}, future)
+            save.future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self.group(),
+                                         no_dist=not dist.is_initialized())
+            self.pending = save
             if _is_coordinator():
                 # The coordinator's save completes only after every rank's files are written, so
                 # it can commit at once, from the writer thread, while training goes on.
-                future.add_done_callback(lambda done, save=self.pending: self._commit_when_written(save))
+                save.future.add_done_callback(lambda done: self._commit_when_written(save))
             return final
-        dcp.save(state, checkpoint_id=str(partial), no_dist=not dist.is_initialized())  # returns once every rank's files are written
-        self._commit(PendingSave(step, partial, final, extra or {}, None))
+        try:  # returns once every rank's files are written; a failure on any rank raises on all
+            dcp.save(state, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            problem = self._describe(exc)
+        if problem is None and _is_coordinator():
+            problem = self._commit_files(save)
+        self._raise_if_any(step, partial, problem)
         return final
 
     def finish(self) -> None:
-        """Wait until a background save is written and committed (a no-op when none is pending)."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.future.result()  # raises if the write failed: the partial folder is never committed
-            if _is_coordinator():
-                pending.committed.wait()
-                if pending.error is not None:
-                    raise pending.error
-            _barrier()
+        """Wait until a background save is written and committed (a no-op when none is pending);
+        raises CheckpointWriteError on every rank if it failed on any."""
+        if self.pending is None:
+            return
+        save, self.pending = self.pending, None
+        problem = None
+        try:
+            save.future.result()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            problem = self._describe(exc)
+        if _is_coordinator():
+            save.committed.wait()
+            problem = problem or save.error
+        self._raise_if_any(save.step, save.partial, problem)
+
+    def group(self) -> Any:
+        """A gloo group of its own: background saves never interleave with the training collectives,
+        and on GPUs the agreement below needs no device."""
+        if dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _describe(self, exc: BaseException) -> str:
+        """The failure, plus the free space where it happened: a full disk is the usual cause, and
+        serialisers often report it as an unrelated-looking error."""
+        text = describe_failure(exc)
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            return text
+        return f"{text} [{free / 2**30:.1f} GiB free in {self.folder}]"
+
+    def _raise_if_any(self, step: int, partial: Path, problem: str | None) -> None:
+        """Every rank learns whether any rank failed (this is also the barrier that ends a save);
+        after a failure the coordinator removes the partial folder and all ranks raise."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            problems: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem, group=self.group())
+            problem = next((p for p in problems if p is not None), None)
+        if problem is None:
+            return
+        if _is_coordinator():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointWriteError(step, problem)
 
     def _commit_when_written(self, save: PendingSave) -> None:
         try:
             if save.future.exception() is None:
-                self._commit_files(save)
-        except BaseException as exc:  # reported by finish() on the main thread
-            save.error = exc
+                save.error = self._commit_files(save)
         finally:
             save.committed.set()
 
-    def _commit(self, save: PendingSave) -> None:
-        if _is_coordinator():
-            self._commit_files(save)
-        _barrier()
-
-    def _commit_files(self, save: PendingSave) -> None:
-        """Manifest, then the COMMITTED marker, then one atomic rename: only now is it visible."""
-        write_manifest(save.partial, save.step, save.extra)
-        _write_atomic(save.partial / COMMITTED, f"{save.step}\n")
-        if save.final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
-            shutil.rmtree(save.final)
-        os.replace(save.partial, save.final)
+    def _commit_files(self, save: PendingSave) -> str | None:
+        """Manifest, then the COMMITTED marker, then one atomic rename: only now is it visible.
+        Returns why it failed, or None."""
+        if save.step == self.kill_before_commit_at:
+            # Every rank's shards and DCP's metadata are on disk: to DCP this folder looks loadable.
+            # Only the commit protocol keeps a restart from using it.
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            write_manifest(save.partial, save.step, save.extra)
+            _write_atomic(save.partial / COMMITTED, f"{save.step}\n")
+            if save.final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
+                shutil.rmtree(save.final)
+            os.replace(save.partial, save.final)
+        except OSError as exc:
+            return self._describe(exc)
         self._prune()
+        return None
 
     def _prune(self) -> None:
         """Keep the newest `keep` complete checkpoints; the newest is never deleted."""

@@ -30,7 +30,7 @@ from colossus.errors import UserError
 from colossus.models.grok import Transformer, build_model
 from colossus.parallel.parallelize import clip_grad_norm, parallelize
 from colossus.parallel.runtime import Runtime, setup_runtime
-from colossus.train.checkpoint import Checkpointer
+from colossus.train.checkpoint import Checkpointer, CheckpointWriteError
 from colossus.train.guards import HangWatchdog, PreemptionGuard
 from colossus.train.metrics import MetricsLogger
 from colossus.train.optim import build_optimizer, build_scheduler
@@ -180,6 +180,11 @@ def check_run_folder(out: Path, config: RunConfig) -> None:
             )
 
 
+def restart_count() -> int:
+    """How many times torchrun (--max-restarts) has restarted this job; 0 for a first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -217,6 +222,8 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     loader = TokenLoader(data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp, tcfg.seed)
     state = TrainingState(model, optimizer, scheduler, loader)
     checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    if restart_count() == 0:
+        checkpointer.kill_before_commit_at = config.faults.inject_kill_in_save_at_step
 
     # --- resume from the newest intact checkpoint, if any; only then touch the run folder
     warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
@@ -227,10 +234,11 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         write_text_atomic(out / "config.toml", config_to_toml(config))
     logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard, enabled=runtime.is_main)
     if resumed_from is not None:
-        logger.event("resume", step=resumed_from)
-        logger.print(f"resumed {out} from step {resumed_from}")
+        logger.event("resume", step=resumed_from, restart=restart_count())
+        logger.print(f"resumed {out} from step {resumed_from}"
+                     + (f" (restart {restart_count()} by the launcher)" if restart_count() else ""))
     else:
-        logger.event("start", step=0)
+        logger.event("start", step=0, restart=restart_count())
 
     flops_per_token = modelmath.flops_per_token(mcfg)
     peak = device_peak_flops(device, cache_root(config.data))
@@ -255,6 +263,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     consecutive_bad = 0
     preempted = False
     model.train()
+    storage = CheckpointPolicy(checkpointer, {"train": state}, config, logger)
     watchdog = HangWatchdog(faults.hang_timeout_s, on_hang=lambda step, stuck: logger.event("hang", step=step, stuck_s=stuck))
     try:
         with PreemptionGuard() as preemption, watchdog:
@@ -281,6 +290,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                     consecutive_bad += 1
                     logger.event("skipped_step", step=progress.step, grad_norm=float(result.grad_norm), batch=position)
                     if consecutive_bad >= faults.max_bad_steps:
+                        storage.finish()
                         restored = rollback(checkpointer, state, position, progress.step, faults.max_bad_steps, logger)
                         progress = state.progress
                         consecutive_bad = 0
@@ -321,25 +331,24 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                     paused = True
 
                 if progress.step % config.checkpoint.interval == 0 or last:
-                    path = checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
-                    logger.event("checkpoint", step=progress.step, path=str(path))
+                    storage.save(progress.step)
                     paused = True
 
                 if preemption.should_stop():
-                    if progress.step % config.checkpoint.interval and not last:
-                        checkpointer.save(progress.step, {"train": state}, extra={"config_sha": _config_hash(config)})
-                    checkpointer.finish()
+                    saved = storage.save(progress.step) if progress.step % config.checkpoint.interval and not last else True
+                    saved = storage.finish() and saved
                     signame = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-                    logger.event("preempted", step=progress.step, signal=signame)
-                    logger.print(f"stopped by {signame} at step {progress.step}; checkpoint written; "
-                                 "run the same command again to continue")
+                    logger.event("preempted", step=progress.step, signal=signame, checkpoint_written=saved)
+                    logger.print(f"stopped by {signame} at step {progress.step}; "
+                                 + ("checkpoint written; " if saved else "its checkpoint failed (see above); ")
+                                 + "run the same command again to continue")
                     preempted = True
                     break
 
                 if paused:
                     window_start, window_steps = time.perf_counter(), 0
                     watchdog.beat(progress.step)
-            checkpointer.finish()  # the last checkpoint is complete before the run reports success
+            storage.finish()  # the last checkpoint is complete before the run reports success
     finally:
         logger.close()
 
@@ -353,6 +362,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         "params_active": modelmath.params_active(mcfg),
         "flops_per_token": flops_per_token,
         "skipped_steps": progress.skipped_steps,
+        "checkpoint_failures": storage.failures,
         "preempted": preempted,
     }
     if config.eval.sample_tokens > 0 and not preempted:
@@ -361,6 +371,48 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     if runtime.is_main:
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+class CheckpointPolicy:
+    """Saves the training state and applies checkpoint.on_error when storage fails: a failed save is
+    recorded (events.jsonl, console) and the run goes on with its previous checkpoint intact, or
+    stops with a one-line error naming the folder."""
+
+    def __init__(self, checkpointer: Checkpointer, state: dict[str, Any], config: RunConfig, logger: MetricsLogger):
+        self.checkpointer, self.state, self.logger = checkpointer, state, logger
+        self.on_error = config.checkpoint.on_error
+        self.extra = {"config_sha": _config_hash(config)}
+        self.failures = 0
+
+    def save(self, step: int) -> bool:
+        """Start the checkpoint of `step` (after the previous one is done); False if either failed."""
+        previous_ok = self.finish()
+        try:
+            path = self.checkpointer.save(step, self.state, extra=self.extra)
+        except CheckpointWriteError as exc:
+            self._failed(exc)
+            return False
+        self.logger.event("checkpoint", step=step, path=str(path))
+        return previous_ok
+
+    def finish(self) -> bool:
+        """Wait for a background save; False if it failed."""
+        try:
+            self.checkpointer.finish()
+        except CheckpointWriteError as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    def _failed(self, exc: CheckpointWriteError) -> None:
+        self.failures += 1
+        intact = next((step for step, _ in self.checkpointer.step_folders()), None)
+        self.logger.event("checkpoint_failed", step=exc.step, reason=exc.reason, newest_intact=intact)
+        where = f"the newest intact checkpoint is step {intact}" if intact is not None else "there is no earlier checkpoint"
+        if self.on_error == "stop":
+            raise UserError(f"{exc}; {where}; free space or fix {self.checkpointer.folder}, then run the same "
+                            "command again (or set checkpoint.on_error=continue to train on)") from None
+        self.logger.print(f"warning: {exc}; {where}; training goes on (checkpoint.on_error=continue)")
 
 
 def loader_position(loader: TokenLoader) -> str:
@@ -375,7 +427,6 @@ def rollback(checkpointer: Checkpointer, state: TrainingState, bad_batch: str, s
     last batch so the replay skips it. Without a checkpoint there is nothing to go back to: stop."""
     skip = sorted(set(state.progress.skip_batches) | {bad_batch})
     skipped_steps = state.progress.skipped_steps
-    checkpointer.finish()
     restored = checkpointer.load_latest({"train": state})
     if restored is None:
         raise UserError(f"{bad_steps} consecutive steps up to step {step} had non-finite gradients and there is no "
