@@ -33,7 +33,12 @@ class LaunchPlan:
         if self.max_restarts:
             parts.append(f"--max-restarts={self.max_restarts}")
         parts += ["-m", "colossus.train", *self.train_args]
-        return shlex.join(parts)
+        command = shlex.join(parts)
+        if self.nodes > 1 and self.max_restarts:
+            # A store per attempt: with the agents' shared one, restarted ranks can read a dead
+            # attempt's addresses (pytorch/pytorch#135712); see parallel/runtime.py.
+            command = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " + command
+        return command
 
 
 def plan_launch(nodes: int, procs_per_node: int, head: str, port: int, train_args: list[str],

@@ -138,10 +138,15 @@ def test_launch_single_node_and_slurm_script() -> None:
         "torchrun --nproc-per-node=8 --standalone -m colossus.train --steps 5"
     with pytest.raises(UserError):
         plan_launch(1, 8, "x", 70000, [])
+    # several agents that restart need a rendezvous store per attempt (pytorch/pytorch#135712)
+    restarting = plan_launch(2, 8, "head", 29500, [], max_restarts=3).command()
+    assert restarting.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ") and "--max-restarts=3" in restarting
+    assert plan_launch(2, 8, "head", 29500, []).command().startswith("torchrun ")
     script = REPO / "scripts" / "slurm" / "train.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # parses as bash
     text = script.read_text()
     assert "--rdzv-backend=c10d" in text and "srun" in text and "--ntasks-per-node=1" in text
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
 
 
 # ------------------------------------------------------------------------ layout checks (no processes)

@@ -73,7 +73,26 @@ def setup_runtime(config: RunConfig) -> Runtime:
         return Runtime(device, layout, None, 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **restart_safe_store(world_size))
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **restart_safe_store(world_size))
     return Runtime(device, layout, build_mesh(layout, device.type), dist.get_rank())
+
+
+def restart_safe_store(world_size: int) -> dict:
+    """Arguments for init_process_group that keep a restarted job off its dead predecessor's keys.
+
+    torchrun's c10d rendezvous shares one TCPStore across restarts, so after `--max-restarts` kicks
+    in, a rank can read the previous attempt's published addresses and connect to a dead process
+    (pytorch/pytorch#135712: "Connection refused" in gloo's connectFullMesh or NCCL init). With one
+    agent the restart count is the same on every rank, so it names a fresh key space per attempt.
+    With several agents it is not (healthy nodes do not count a peer's failure); there the agents
+    must run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which `colossus launch` and the Slurm script
+    set, and this returns no arguments (env:// as usual)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or int(os.environ.get("GROUP_WORLD_SIZE", "1")) != 1:
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return {"store": dist.PrefixStore(f"colossus/attempt-{attempt}", store),
+            "rank": int(os.environ["RANK"]), "world_size": world_size}
