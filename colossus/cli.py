@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list model presets with parameters and FLOPs per token",
                                  description="List the model presets: total and active parameters, FLOPs per token.")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    from colossus.plan.command import add_parser as add_plan_parser
+
+    add_plan_parser(commands)
     launch = commands.add_parser(
         "launch", help="print the torchrun command(s) for a run on N nodes",
         description="Print the exact torchrun command to run on each node (c10d rendezvous on the head node). "
@@ -105,6 +108,12 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_plan(args: argparse.Namespace) -> int:
+    from colossus.plan.command import run_plan as plan
+
+    return plan(args)
+
+
 def run_models(args: argparse.Namespace) -> int:
     from colossus import modelmath
     from colossus.models.presets import PRESETS
@@ -137,7 +146,7 @@ def _human(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": run_train, "models": run_models, "launch": run_launch}
+    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan}
     if args.command is None:
         parser.print_help()
         return 0

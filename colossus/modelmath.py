@@ -109,6 +109,45 @@ def hardware_flops_per_token(m: ModelConfig, recompute: str = "none", seq_len: i
     return exact_flops_per_token(m, seq_len) + extra
 
 
+# ----------------------------------------------------------------------------------------- memory
+# Bytes of training state per parameter with mixed precision and Adam: bf16 weights (2), fp32
+# gradients (4: reduced and accumulated in fp32) and the fp32 master copy, momentum and variance
+# (12) (Rajbhandari et al. 2020, ZeRO, section 3.1, with K = 12; fp32 gradients as in Megatron-LM's
+# distributed optimizer). ZeRO stage s shards the last 1, 2 or 3 of these over the data-parallel ranks.
+WEIGHT_BYTES = 2
+GRAD_BYTES = 4
+OPTIMIZER_BYTES = 12
+
+
+def state_bytes_per_param(zero: int, dp: int) -> float:
+    """Weights + gradients + optimizer state held per parameter on one GPU under ZeRO stage `zero`
+    over `dp` data-parallel ranks (ZeRO, Figure 1: stage 1 shards optimizer state, 2 also gradients,
+    3 also weights)."""
+    weights = WEIGHT_BYTES / (dp if zero >= 3 else 1)
+    grads = GRAD_BYTES / (dp if zero >= 2 else 1)
+    return weights + grads + OPTIMIZER_BYTES / (dp if zero >= 1 else 1)
+
+
+def activation_bytes_per_token(m: ModelConfig, recompute: str = "none") -> float:
+    """Activation bytes one layer keeps per token for the backward pass (bf16, no dropout, fused
+    attention that stores no T x T scores). Korthikanti et al. 2022, section 4.1 (eq. 2 is
+    34 s b h + 5 a s^2 b for GPT: the 5 a s^2 b score terms vanish with fused attention and the dropout
+    masks with no dropout), generalised to grouped-query attention, gated FFNs, MoE top-k routing
+    and sandwich norms. Divide by the tensor (with sequence parallelism) and context parallel sizes.
+      none:      everything below;
+      selective: the same with fused attention (its recomputation only skips the score matrices);
+      full:      only each layer's input (2 d), recomputing the rest (Korthikanti, Table 2)."""
+    if recompute == "full":
+        return 2.0 * m.d_model
+    d, q = m.d_model, m.head_dim
+    attention = 2 * d + 2 * m.n_heads * q + 4 * m.n_kv_heads * q + 2 * m.n_heads * q  # input, Q, K, V, output-proj input
+    gated = m.ffn_type in ("geglu", "swiglu")
+    one_ffn = 2 * d + (6 if gated else 4) * m.ffn_dim  # input, (gate, up,) activation output
+    ffn = min(m.top_k, m.n_experts) * one_ffn + (2 * d + 4 * m.n_experts if m.is_moe else 0)  # routed copies + router
+    norms = (4 if m.norm == "sandwich" else 2) * 2 * d
+    return float(attention + ffn + norms)
+
+
 def summary(m: ModelConfig) -> dict[str, float | int | str]:
     """The figures `colossus models` prints."""
     return {

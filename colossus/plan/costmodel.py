@@ -1,0 +1,421 @@
+"""The cost model: step time, memory and power of one parallel layout, from small named formulas.
+
+Inputs are plain data: a ModelConfig (its numbers come from colossus.modelmath, the one source of
+truth), a Cluster and a Layout. A GPU is described by its datasheet (plan/hardware.py); a measured
+machine (plan/profile.py, written by `colossus bench`) can replace the datasheet for compute and
+all-reduce, which is how the planner predicts this machine's own CPU steps.
+
+Layout conventions follow Megatron-LM (Narayanan et al. 2021; Korthikanti et al. 2022): tensor
+parallelism (tp) always with sequence parallelism, inside the NVLink domain; context parallelism
+(cp) next; expert parallelism (ep) over data-parallel ranks; pipeline stages (pp) outermost, with
+`vpp` interleaved virtual stages each. GPUs = tp * cp * pp * dp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from colossus import modelmath
+from colossus.config import ModelConfig
+from colossus.plan.cluster import Cluster
+from colossus.plan.hardware import GPU, NIC_EFFICIENCY, NVLINK_EFFICIENCY, gemm_peak_efficiency
+
+GIB = 2**30
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline stages per GPU (interleaved 1F1B)
+    dp: int = 1  # data-parallel replicas (ZeRO shards over these)
+    ep: int = 1  # expert-parallel group, inside the data-parallel ranks
+    cp: int = 1  # context parallel: each sequence split over cp GPUs
+    mbs: int = 1  # micro-batch, sequences
+    gbs: int = 1  # global batch, sequences
+    recompute: str = "none"
+    zero: int = 1  # 0 plain DP, 1 optimizer state, 2 + gradients, 3 + weights sharded (FSDP)
+    precision: str = "bf16"
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.cp * self.pp * self.dp
+
+    @property
+    def micro_batches(self) -> int:
+        return self.gbs // (self.dp * self.mbs)
+
+    def describe(self) -> str:
+        return (f"tp{self.tp} pp{self.pp}" + (f"x{self.vpp}" if self.vpp > 1 else "") + f" dp{self.dp} ep{self.ep} "
+                f"cp{self.cp} mbs{self.mbs} gbs{self.gbs} {self.recompute} zero{self.zero} {self.precision}")
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    step_time_s: float
+    tokens_per_s: float
+    model_flops_per_token: float
+    model_tflops_per_gpu: float
+    mfu: float
+    memory_gib_per_gpu: float
+    fits: bool
+    memory_gib: dict[str, float] = field(default_factory=dict)  # breakdown
+    time_s: dict[str, float] = field(default_factory=dict)  # breakdown of one step
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["layout"] = asdict(self.layout)
+        return out
+
+
+# ------------------------------------------------------------------------------------ compute
+
+# Matrix dimension at which a GEMM reaches half its large-size efficiency along that dimension:
+# tiles of 128-256 leave small matrices under-filled (NVIDIA "Matrix Multiplication Background"
+# guide, tile and wave quantization). Fitted with GEMM_EFFICIENCY on the published runs.
+GEMM_HALF_DIM = 48.0
+
+
+def gemm_efficiency(gpu: GPU, m: float, n: float, k: float) -> float:
+    """Achievable fraction of peak for an m x k by k x n GEMM: the large-size efficiency, reduced by
+    a saturating factor per dimension."""
+    saturation = (m / (m + GEMM_HALF_DIM)) * (n / (n + GEMM_HALF_DIM)) * (k / (k + GEMM_HALF_DIM))
+    return gemm_peak_efficiency(gpu) * saturation
+
+
+def gemm_time(gpu: GPU, m: float, n: float, k: float, precision: str) -> float:
+    """Roofline of one GEMM: the slower of its FLOPs at the achievable rate and its bytes (bf16
+    operands and result, fp8 inputs) at HBM bandwidth (Williams et al. 2009, Roofline)."""
+    flops_time = 2.0 * m * n * k / (gpu.peak_flops(precision) * gemm_efficiency(gpu, m, n, k))
+    operand_bytes = 1 if precision == "fp8" else 2
+    bytes_time = (operand_bytes * (m * k + k * n) + 2 * m * n) / (gpu.hbm_tb_s * 1e12)
+    return max(flops_time, bytes_time)
+
+
+# Elementwise traffic per stored activation byte over forward + backward: written and read once in
+# the forward, read and its gradient written and read in the backward (norms, activations, residuals
+# are memory-bound; Korthikanti et al. 2022 section 4 counts what is stored, each is touched ~4x).
+ELEMENTWISE_PASSES = 4.0
+# An optimizer step reads and writes fp32 master weights, both moments and the gradient, and writes
+# the bf16 weights: (4 + 4 + 4 + 4) * 2 + 2 bytes per parameter it owns (memory-bound, ZeRO section 3).
+OPTIMIZER_BYTES_PER_PARAM = 34.0
+
+
+@dataclass(frozen=True)
+class Software:
+    """What the training framework overlaps and fuses. The defaults are today's stacks (FlashAttention,
+    gradient reduction overlapped with the backward); the published 2021-2022 Megatron-LM runs had
+    neither, and their rows in plan/data/published_runs.toml say so."""
+
+    fused_attention: bool = True  # no T x T score matrix in memory (Dao et al. 2022, FlashAttention)
+    overlap_grad_reduce: bool = True  # bucketed gradient reduction during the backward (Li et al. 2020)
+
+
+# Passes over the T x T attention scores when attention is not fused: the scores GEMM writes them,
+# the fused scale-mask-softmax reads and writes, dropout reads and writes (plus a mask), AV reads
+# (about 6 in the forward); the backward touches each about twice (Korthikanti et al. 2022, section
+# 4.1 counts 5 a s^2 b stored bytes of these tensors).
+SCORE_PASSES_FORWARD = 6.0
+SCORE_PASSES_BACKWARD = 10.0
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the cost model needs to know about one device and its links. `profile` (a measured
+    MachineProfile) replaces the datasheet GEMM and all-reduce formulas when given."""
+
+    gpu: GPU
+    gpus_per_node: int
+    nic_gbps: float
+    profile: object | None = None
+
+    def gemm(self, m: float, n: float, k: float, precision: str) -> float:
+        if self.profile is not None:
+            return self.profile.matmul_time(int(m), int(n), int(k))
+        return gemm_time(self.gpu, m, n, k, precision)
+
+    def memory_time(self, nbytes: float) -> float:
+        if self.profile is not None:
+            return nbytes / self.profile.memory_bytes_per_s
+        return nbytes / (self.gpu.hbm_tb_s * 1e12)
+
+    def link_bytes_per_s(self, inside_node: bool) -> float:
+        """Bus bandwidth of a collective: NVLink inside a node, the GPU's own NIC across nodes."""
+        if inside_node:
+            return self.gpu.nvlink_gb_s / 2 * 1e9 * NVLINK_EFFICIENCY
+        return self.nic_gbps / 8 * 1e9 * NIC_EFFICIENCY
+
+
+# Latency per step of a collective's algorithm (NCCL: ~5 us inside a node, ~10 us across);
+# NCCL uses trees across nodes, so the step count grows with log2 of the group.
+LATENCY_INSIDE_S = 5e-6
+LATENCY_ACROSS_S = 10e-6
+
+
+def _latency(n: int, inside: bool) -> float:
+    return (LATENCY_INSIDE_S if inside else LATENCY_ACROSS_S) * 2 * math.ceil(math.log2(n)) if n > 1 else 0.0
+
+
+def all_reduce_time(machine: Machine, nbytes: float, n: int, inside_node: bool) -> float:
+    """Ring all-reduce: every GPU sends and receives 2 (n-1)/n of the buffer (Thakur et al. 2005;
+    NCCL's "bus bandwidth" convention, nccl-tests doc/PERFORMANCE.md)."""
+    if n <= 1:
+        return 0.0
+    if machine.profile is not None:
+        return machine.profile.allreduce_time(nbytes, n)
+    return 2 * (n - 1) / n * nbytes / machine.link_bytes_per_s(inside_node) + _latency(n, inside_node)
+
+
+def all_gather_time(machine: Machine, nbytes: float, n: int, inside_node: bool) -> float:
+    """All-gather or reduce-scatter of an nbytes result: (n-1)/n of it crosses each link (half an all-reduce)."""
+    if n <= 1:
+        return 0.0
+    if machine.profile is not None:
+        return machine.profile.allreduce_time(nbytes, n) / 2
+    return (n - 1) / n * nbytes / machine.link_bytes_per_s(inside_node) + _latency(n, inside_node) / 2
+
+
+def all_to_all_time(machine: Machine, nbytes: float, n: int, inside_node: bool) -> float:
+    """All-to-all of nbytes per GPU: (n-1)/n of it leaves each GPU (Rajbhandari et al. 2022, DeepSpeed-MoE, section 5)."""
+    if n <= 1:
+        return 0.0
+    if machine.profile is not None:
+        return machine.profile.allreduce_time(nbytes, n) / 2
+    return (n - 1) / n * nbytes / machine.link_bytes_per_s(inside_node) + _latency(n, inside_node) / 2
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One transformer layer, one micro-batch, one GPU: seconds of each part."""
+
+    forward_gemm: float  # projections and FFN/experts
+    attention_core: float  # QK^T and AV GEMMs (forward)
+    score_forward: float  # unfused attention only: memory traffic over the T x T scores, forward
+    score_backward: float  # and backward
+    elementwise: float  # forward + backward memory-bound work
+    tp_comm: float  # sequence-parallel all-gathers / reduce-scatters, forward + backward
+    ep_comm: float  # MoE dispatch and combine all-to-alls, forward + backward
+    cp_comm: float  # ring exchange of keys and values, forward + backward (overlaps attention)
+
+
+def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs: int, precision: str,
+               software: Software = Software()) -> LayerCost:
+    seq = m.seq_len
+    tokens = mbs * seq / cp  # tokens of this GPU's micro-batch
+    d, q = m.d_model, m.head_dim
+    heads, kv = m.n_heads / tp, max(m.n_kv_heads / tp, 1)
+    gemm = lambda rows, cols, inner: machine.gemm(rows, cols, inner, precision)  # noqa: E731
+    forward = gemm(tokens, (heads + 2 * kv) * q, d) + gemm(tokens, d, heads * q)
+    gated = m.ffn_type in ("geglu", "swiglu")
+    ffn_in = 2 if gated else 1
+    if m.is_moe:
+        forward += gemm(tokens, m.n_experts, d)  # router
+        local_experts = m.n_experts / ep
+        per_expert = ep * tokens * m.top_k / m.n_experts  # tokens each local expert receives
+        forward += local_experts * (ffn_in * gemm(per_expert, m.ffn_dim / tp, d) + gemm(per_expert, d, m.ffn_dim / tp))
+    else:
+        forward += ffn_in * gemm(tokens, m.ffn_dim / tp, d) + gemm(tokens, d, m.ffn_dim / tp)
+    # Scores and values per head and sequence: (T/cp x Q) by (Q x T), then (T/cp x T) by (T x Q).
+    per_head = gemm(seq / cp, seq, q) + gemm(seq / cp, q, seq)
+    attention = mbs * heads * per_head
+    element_bytes = 4 if machine.profile is not None else 2  # fp32 on CPU, bf16 on GPUs
+    score_forward = score_backward = 0.0
+    if not software.fused_attention:
+        scores = mbs * heads * (seq / cp) * seq * element_bytes
+        score_forward = machine.memory_time(SCORE_PASSES_FORWARD * scores)
+        score_backward = machine.memory_time(SCORE_PASSES_BACKWARD * scores)
+    stored = modelmath.activation_bytes_per_token(m) / 2 * element_bytes * tokens / tp
+    elementwise = machine.memory_time(ELEMENTWISE_PASSES * stored)
+    if machine.profile is not None:
+        elementwise += _OPS_PER_LAYER * machine.profile.op_overhead_s
+    inside_tp = tp <= machine.gpus_per_node
+    activation = tokens * d * element_bytes  # one full-sequence activation of this micro-batch
+    # Sequence parallelism: 2 all-gathers + 2 reduce-scatters forward, the same backward (Korthikanti, section 4.2.2).
+    tp_comm = 8 * all_gather_time(machine, activation, tp, inside_tp)
+    inside_ep = tp * cp * ep <= machine.gpus_per_node
+    routed = tokens * m.top_k * d * element_bytes / tp
+    ep_comm = 4 * all_to_all_time(machine, routed, ep, inside_ep) if m.is_moe else 0.0  # dispatch + combine, fwd + bwd
+    inside_cp = tp * cp <= machine.gpus_per_node
+    kv_bytes = 2 * tokens * m.n_kv_heads * q * element_bytes / tp
+    # Ring attention passes each K/V block around the cp ranks: forward once, backward twice (values and gradients).
+    cp_comm = 3 * (cp - 1) * kv_bytes / machine.link_bytes_per_s(inside_cp) if cp > 1 else 0.0
+    return LayerCost(forward, attention, score_forward, score_backward, elementwise, tp_comm, ep_comm, cp_comm)
+
+
+# Eager ops per layer and micro-batch, forward + backward, for the per-op overhead on measured
+# machines (norms, projections, rope, attention, routing, experts, residuals: ~60 forward, ~2x backward).
+_OPS_PER_LAYER = 180
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def stage_params(m: ModelConfig, layout: Layout) -> tuple[float, float]:
+    """(dense, expert) parameters held by one GPU of the first pipeline stage (the largest: it holds
+    the embedding, and with tied embeddings the last stage holds a copy of the same size)."""
+    layers = math.ceil(m.n_layers / layout.pp)  # uneven splits: the fullest stage
+    experts = m.n_experts * modelmath.expert_params(m) if m.is_moe else 0
+    dense_layer = modelmath.layer_params(m) - experts
+    dense = layers * dense_layer / layout.tp + modelmath.embedding_params(m) / layout.tp / (1 if layout.pp > 1 or not m.tie_embeddings else 1)
+    return dense, layers * experts / (layout.ep * layout.tp)
+
+
+# Fixed per-GPU memory outside the model: CUDA context, NCCL buffers, allocator fragmentation and
+# workspace (observed 2-4 GiB on H100 training jobs; Megatron-LM's memory estimator reserves similar).
+RESERVED_GIB = 3.0
+
+
+def memory_breakdown(m: ModelConfig, layout: Layout) -> dict[str, float]:
+    """Bytes per GPU of the most loaded (first) pipeline stage."""
+    dense, expert = stage_params(m, layout)
+    replicas = layout.dp * layout.cp  # ranks holding the same dense shard
+    expert_replicas = max(replicas // layout.ep, 1)
+    weights = (dense / (replicas if layout.zero >= 3 else 1) + expert / (expert_replicas if layout.zero >= 3 else 1)) * modelmath.WEIGHT_BYTES
+    grads = (dense / (replicas if layout.zero >= 2 else 1) + expert / (expert_replicas if layout.zero >= 2 else 1)) * modelmath.GRAD_BYTES
+    optimizer = (dense / (replicas if layout.zero >= 1 else 1) + expert / (expert_replicas if layout.zero >= 1 else 1)) * modelmath.OPTIMIZER_BYTES
+    tokens = layout.mbs * m.seq_len / layout.cp
+    layers = math.ceil(m.n_layers / layout.pp)
+    per_layer = modelmath.activation_bytes_per_token(m, layout.recompute) * tokens / layout.tp
+    # 1F1B keeps pp micro-batches in flight on the first stage; interleaving adds (pp-1)/(pp*vpp)
+    # (Korthikanti et al. 2022, section 4.2.3).
+    in_flight = min(layout.pp, layout.micro_batches)
+    if layout.vpp > 1:
+        in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.vpp)
+    activations = per_layer * layers * in_flight
+    if layout.recompute != "none":  # one layer's activations live again while it is recomputed
+        activations += modelmath.activation_bytes_per_token(m) * tokens / layout.tp
+    logits = (4 * m.vocab_size * tokens / layout.tp) if layout.pp == 1 else 0.0  # fp32 logits of the loss
+    unsharded = 0.0
+    if layout.zero >= 3:  # FSDP gathers a layer ahead: two layers' bf16 weights at once
+        layer = modelmath.layer_params(m) / layout.tp
+        unsharded = 2 * layer * modelmath.WEIGHT_BYTES / (layout.ep if m.is_moe else 1)
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations + logits,
+            "buffers": unsharded, "reserved": RESERVED_GIB * GIB}
+
+
+# ------------------------------------------------------------------------------------ step time
+
+
+def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | None = None,
+            layer_costs: dict | None = None, software: Software = Software()) -> Prediction:
+    """Step time, throughput, MFU and memory of one layout. `layer_costs` memoises the per-layer
+    costs across the layouts of one search (they depend only on tp, cp, ep, mbs and precision)."""
+    machine = Machine(cluster.gpu, cluster.gpus_per_node, cluster.nic_gbps, profile)
+    key = (layout.tp, layout.cp, layout.ep, layout.mbs, layout.precision)
+    layer = layer_costs.get(key) if layer_costs is not None else None
+    if layer is None:
+        layer = layer_cost(m, machine, *key, software)
+        if layer_costs is not None:
+            layer_costs[key] = layer
+    attention_forward = layer.attention_core + layer.score_forward
+    recompute_extra = {"none": 0.0, "selective": attention_forward,
+                       "full": layer.forward_gemm + attention_forward}[layout.recompute]
+    # Backward GEMMs: two per forward one (input and weight gradients; Kaplan et al. 2020, section 2.1).
+    compute_layer = (3 * (layer.forward_gemm + layer.attention_core) + layer.score_forward + layer.score_backward
+                     + recompute_extra + layer.elementwise)
+    # Recomputing a layer under sequence parallelism repeats its forward all-gathers (Korthikanti 4.2.2).
+    tp_layer = layer.tp_comm * (1.5 if layout.recompute == "full" else 1.0)
+    ep_layer = layer.ep_comm * (1.5 if layout.recompute == "full" else 1.0)
+    cp_exposed = max(0.0, layer.cp_comm - 3 * layer.attention_core)  # overlapped with attention (ring attention)
+    layers_per_stage = math.ceil(m.n_layers / layout.pp)  # the fullest stage paces the pipeline
+    stage = layers_per_stage * (compute_layer + tp_layer + ep_layer + cp_exposed)
+    # The last stage also computes the logits and the loss: its GEMM forward + backward.
+    tokens_micro = layout.mbs * m.seq_len / layout.cp
+    stage += 3 * machine.gemm(tokens_micro, m.vocab_size / layout.tp, m.d_model, layout.precision)
+    p2p = 0.0
+    if layout.pp > 1:  # activations to the next stage forward and gradients back, per virtual stage
+        element = 4 if profile is not None else 2
+        p2p = 2 * layout.vpp * tokens_micro * m.d_model * element / layout.tp / machine.link_bytes_per_s(False)
+    micro = stage + p2p
+    n_micro = layout.micro_batches
+    # 1F1B with interleaving: (p - 1) / v micro-batch slots of bubble (Narayanan et al. 2021, section 2.2.2).
+    bubble = (layout.pp - 1) / layout.vpp * micro
+    pipeline = n_micro * micro + bubble
+
+    dense, expert = stage_params(m, layout)
+    replicas = layout.dp * layout.cp
+    inside_dp = layout.tp * layout.cp * layout.dp <= cluster.gpus_per_node
+    grad_bytes = modelmath.WEIGHT_BYTES  # gradients are reduced in bf16 (Megatron-LM, FSDP MixedPrecisionPolicy)
+    if layout.zero >= 3:
+        # FSDP: all-gather weights before forward and backward of every micro-batch, reduce-scatter
+        # gradients once; overlapped with compute layer by layer, so only the excess shows.
+        gather = 2 * n_micro * all_gather_time(machine, (dense + expert) * modelmath.WEIGHT_BYTES, replicas, inside_dp)
+        scatter = all_gather_time(machine, (dense + expert) * grad_bytes, replicas, inside_dp)
+        data_parallel = max(0.0, gather + scatter - 0.9 * pipeline) + gather / max(2 * n_micro * layers_per_stage, 1)
+    else:
+        # Gradients all-reduced (or reduce-scattered + weights all-gathered: the same volume) once per step;
+        # bucketed and overlapped with the last micro-batch's backward (PyTorch DDP, Li et al. 2020).
+        sync = all_reduce_time(machine, (dense + expert) * grad_bytes, replicas, inside_dp)
+        overlap = 2 / 3 * micro if layout.pp == 1 and software.overlap_grad_reduce else 0.0
+        data_parallel = max(0.0, sync - overlap)
+    owned = dense / (replicas if layout.zero >= 1 else 1) + expert / (max(replicas // layout.ep, 1) if layout.zero >= 1 else 1)
+    optimizer = machine.memory_time(OPTIMIZER_BYTES_PER_PARAM * owned)
+    step = pipeline + data_parallel + optimizer
+
+    memory = memory_breakdown(m, layout)
+    total_memory = sum(memory.values())
+    capacity = profile_memory(profile) if profile is not None else cluster.gpu.hbm_gb * 1e9
+    tokens_per_step = layout.gbs * m.seq_len
+    flops_per_token = modelmath.flops_per_token(m)
+    tokens_per_s = tokens_per_step / step
+    per_gpu = tokens_per_s * flops_per_token / layout.gpus
+    peak = (profile.peak_flops() if profile is not None else cluster.gpu.peak_flops(layout.precision))
+    time_parts = {
+        "compute": n_micro * layers_per_stage * compute_layer,
+        "tensor_parallel": n_micro * layers_per_stage * tp_layer,
+        "expert_parallel": n_micro * layers_per_stage * ep_layer,
+        "context_parallel": n_micro * layers_per_stage * cp_exposed,
+        "pipeline_bubble": bubble,
+        "data_parallel": data_parallel,
+        "optimizer": optimizer,
+    }
+    return Prediction(layout, step, tokens_per_s, flops_per_token, per_gpu / 1e12, per_gpu / peak,
+                      total_memory / GIB, total_memory <= capacity,
+                      {k: v / GIB for k, v in memory.items()}, time_parts)
+
+
+def profile_memory(profile: object) -> float:
+    return float(getattr(profile, "memory_capacity_bytes", 0) or 1e15)
+
+
+# ------------------------------------------------------------------------------------ a whole run
+
+# A GPU's draw while training: a floor while it waits on communication or the pipeline, rising to its
+# TDP while it computes. H100 idles near 10% of TDP and sits near TDP in dense GEMMs; Llama 3 reports
+# site power swinging by tens of MW when all GPUs wait at once (Dubey et al. 2024, section 3.3.4).
+# The 0.35 floor (a waiting-but-clocked GPU) is an assumption, not a measurement.
+GPU_WAITING_POWER_FRACTION = 0.35
+
+
+def busy_fraction(prediction: Prediction) -> float:
+    """Share of the step a GPU spends computing (the rest it waits on communication or the pipeline)."""
+    compute = prediction.time_s.get("compute", 0.0) + prediction.time_s.get("optimizer", 0.0)
+    return min(1.0, compute / prediction.step_time_s) if prediction.step_time_s > 0 else 0.0
+
+
+def it_power_w(cluster: Cluster, busy: float) -> float:
+    """IT power of the job's GPUs and their nodes: each GPU between its waiting floor and its TDP by
+    the busy fraction, plus CPUs, memory, NICs and fans per node (per-node overhead)."""
+    gpus = sum(gpu.tdp_w * count for gpu, count in cluster.gpus_by_type())
+    draw = gpus * (GPU_WAITING_POWER_FRACTION + (1 - GPU_WAITING_POWER_FRACTION) * busy)
+    return draw + cluster.nodes * cluster.node_overhead_w
+
+
+def run_totals(prediction: Prediction, cluster: Cluster, tokens: float, usd_per_gpu_hour: float) -> dict[str, float]:
+    """Days, GPU-hours, facility energy (IT power x PUE) and cost of training `tokens` at this speed."""
+    seconds = tokens / prediction.tokens_per_s
+    power = it_power_w(cluster, busy_fraction(prediction))
+    gpu_hours = cluster.n_gpus * seconds / 3600
+    return {
+        "days": seconds / 86400,
+        "gpu_hours": gpu_hours,
+        "it_power_mw": power / 1e6,
+        "facility_power_mw": power * cluster.pue / 1e6,
+        "energy_mwh": power * cluster.pue * seconds / 3600 / 1e6,
+        "cost_usd": gpu_hours * usd_per_gpu_hour,
+        "total_model_flops": tokens * prediction.model_flops_per_token,
+    }

@@ -1,0 +1,169 @@
+"""Layout search: every valid layout for a model, a cluster and a global batch, ranked by predicted
+throughput among those that fit in memory.
+
+Keys fixed with `--layout K=V,...` are taken as given; the others are enumerated. A layout is valid
+when its parallel sizes multiply to the GPU count, divide what they split (heads, KV heads, layers,
+experts, sequence) and the global batch splits into whole micro-batches on every data-parallel rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from colossus.config import ModelConfig
+from colossus.errors import UserError
+from colossus.plan.cluster import Cluster
+from colossus.plan.costmodel import PRECISIONS, RECOMPUTE, Layout, Prediction, Software, predict
+
+LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "ep", "cp", "mbs", "gbs", "recompute", "zero", "precision")
+# Without gbs: about 16M tokens per step (Llama 3 405B's batch, Dubey et al. 2024, section 3.4), or the
+# smallest batch the layout allows (one micro-batch per data-parallel rank) when that is larger; layouts
+# whose smallest batch exceeds 8x that (128M tokens) are left out (past the critical batch size more tokens per step
+# stop buying progress, McCandlish et al. 2018), unless no other layout exists.
+DEFAULT_BATCH_TOKENS = 16 * 2**20
+MAX_DEFAULT_BATCH_TOKENS = 8 * DEFAULT_BATCH_TOKENS
+
+
+def parse_layout(text: str) -> dict[str, int | str]:
+    """`tp=8,pp=4,recompute=full` -> a dict of fixed layout keys (a UserError names a bad one)."""
+    fixed: dict[str, int | str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in LAYOUT_KEYS:
+            raise UserError(f"--layout {item!r}: expected K=V with K one of {', '.join(LAYOUT_KEYS)}")
+        if key == "recompute":
+            if value not in RECOMPUTE:
+                raise UserError(f"--layout recompute={value!r} is not one of {', '.join(RECOMPUTE)}")
+            fixed[key] = value
+        elif key == "precision":
+            if value not in PRECISIONS:
+                raise UserError(f"--layout precision={value!r} is not one of {', '.join(PRECISIONS)}")
+            fixed[key] = value
+        else:
+            try:
+                number = int(value)
+            except ValueError:
+                raise UserError(f"--layout {key}={value!r} must be an integer") from None
+            if number < (0 if key == "zero" else 1) or (key == "zero" and number > 3):
+                raise UserError(f"--layout {key}={number} is out of range" + (" (0-3)" if key == "zero" else " (>= 1)"))
+            fixed[key] = number
+    return fixed
+
+
+def _divisors(n: int, limit: int | None = None) -> list[int]:
+    found = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    found += [n // d for d in found if d * d != n]
+    return sorted(d for d in set(found) if limit is None or d <= limit)
+
+
+@dataclass
+class SearchResult:
+    ranked: list[Prediction]  # fitting layouts, fastest first
+    considered: int
+    best_unfit: Prediction | None  # the least memory-hungry layout, when none fits
+
+
+def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
+               max_batch_tokens: float = float("inf")) -> list[Layout]:
+    """Every layout allowed by the model, the GPU count and the fixed keys (and, when gbs is not
+    fixed, whose smallest batch stays within max_batch_tokens)."""
+    pick = lambda key, options: [fixed[key]] if key in fixed else options  # noqa: E731
+    layouts = []
+    tps = pick("tp", [t for t in _divisors(gpus_per_node) if m.n_heads % t == 0 and m.n_kv_heads % t == 0])
+    cps = pick("cp", [c for c in (1, 2, 4, 8, 16) if m.seq_len % (2 * c) == 0 or c == 1])
+    pps = pick("pp", _divisors(m.n_layers, 128))
+    eps = pick("ep", _divisors(m.n_experts) if m.is_moe else [1])
+    mbss = pick("mbs", [1, 2, 4, 8])
+    recomputes = pick("recompute", list(RECOMPUTE))
+    zeros = pick("zero", [0, 1, 2, 3])
+    precision = fixed.get("precision", "bf16")
+    for tp in tps:
+        for cp in cps:
+            for pp in pps:
+                if n_gpus % (tp * cp * pp):
+                    continue
+                dp = n_gpus // (tp * cp * pp)
+                if "dp" in fixed and fixed["dp"] != dp:
+                    continue
+                # An uneven split (a fixed pp not dividing the layers) is paced by its fullest stage.
+                per_stage = math.ceil(m.n_layers / pp)
+                even = m.n_layers % pp == 0
+                vpps = pick("vpp", [v for v in (1, 2, 4, 8) if per_stage % v == 0] if pp > 1 and even else [1])
+                for ep in eps:
+                    if dp % ep or m.n_experts % ep:
+                        continue
+                    for mbs in mbss:
+                        unit = dp * mbs
+                        for vpp in vpps:
+                            if vpp > 1 and (pp == 1 or per_stage % vpp):
+                                continue
+                            # 1F1B needs at least pp micro-batches in flight, interleaving a multiple of pp
+                            # (Narayanan et al. 2021, section 2.2).
+                            if "gbs" in fixed:
+                                gbs = fixed["gbs"]
+                                micro = gbs // unit
+                                if gbs % unit or micro < pp or (vpp > 1 and micro % pp):
+                                    continue
+                            else:
+                                micro = max(pp, math.ceil(DEFAULT_BATCH_TOKENS / m.seq_len / unit))
+                                if vpp > 1:
+                                    micro = math.ceil(micro / pp) * pp
+                                gbs = unit * micro
+                                if gbs * m.seq_len > max_batch_tokens and micro == max(pp, 1):
+                                    continue
+                            for recompute in recomputes:
+                                for zero in zeros:
+                                    if zero > 0 and dp * cp == 1 and "zero" not in fixed:
+                                        continue  # nothing to shard over
+                                    layouts.append(Layout(tp, pp, vpp, dp, ep, cp, mbs, gbs, recompute, zero, precision))
+    return layouts
+
+
+def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile: object | None = None,
+           software: Software = Software()) -> SearchResult:
+    _check_fixed(m, cluster, fixed)
+    layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed, MAX_DEFAULT_BATCH_TOKENS)
+    if not layouts:
+        layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed)
+    if not layouts:
+        raise UserError(_why_no_layout(m, cluster, fixed))
+    layer_costs: dict = {}
+    predictions = [predict(m, cluster, layout, profile, layer_costs, software) for layout in layouts]
+    fitting = sorted((p for p in predictions if p.fits), key=lambda p: (-p.tokens_per_s, p.memory_gib_per_gpu))
+    best_unfit = None if fitting else min(predictions, key=lambda p: p.memory_gib_per_gpu)
+    return SearchResult(fitting[:top], len(layouts), best_unfit)
+
+
+def _check_fixed(m: ModelConfig, cluster: Cluster, fixed: dict) -> None:
+    """Name the first fixed key that cannot work, before searching."""
+    n = cluster.n_gpus
+    if "tp" in fixed and (m.n_heads % fixed["tp"] or m.n_kv_heads % fixed["tp"]):
+        raise UserError(f"--layout tp={fixed['tp']} does not divide the model's {m.n_heads} heads and {m.n_kv_heads} KV heads")
+    if "pp" in fixed and fixed["pp"] > m.n_layers:
+        raise UserError(f"--layout pp={fixed['pp']} is more pipeline stages than the model's {m.n_layers} layers")
+    if "ep" in fixed and m.n_experts % fixed["ep"]:
+        raise UserError(f"--layout ep={fixed['ep']} does not divide the model's {m.n_experts} experts")
+    if "cp" in fixed and fixed["cp"] > 1 and m.seq_len % (2 * fixed["cp"]):
+        raise UserError(f"--layout cp={fixed['cp']}: 2*cp must divide seq_len {m.seq_len}")
+    product = 1
+    for key in ("tp", "pp", "dp", "cp"):
+        product *= fixed.get(key, 1)
+    if n % product or (all(k in fixed for k in ("tp", "pp", "dp", "cp")) and product != n):
+        given = " x ".join(f"{k}={fixed[k]}" for k in ("tp", "pp", "dp", "cp") if k in fixed)
+        raise UserError(f"--layout {given} does not divide the {n:,} GPUs (tp x pp x dp x cp must equal them)")
+    if "vpp" in fixed and "pp" in fixed and (m.n_layers % fixed["pp"] or (m.n_layers // fixed["pp"]) % fixed["vpp"]):
+        raise UserError(f"--layout vpp={fixed['vpp']} does not divide the {m.n_layers // fixed['pp']} layers per stage")
+
+
+def _why_no_layout(m: ModelConfig, cluster: Cluster, fixed: dict) -> str:
+    if "gbs" in fixed:
+        return (f"no layout splits gbs={fixed['gbs']} sequences into whole micro-batches over the data-parallel ranks "
+                f"of {cluster.n_gpus:,} GPUs; choose a gbs that the data-parallel size times mbs divides")
+    return (f"no valid layout of {cluster.n_gpus:,} GPUs for this model and --layout "
+            f"({', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing fixed'}); try another --gpus")
+
+
+def layout_fields() -> list[str]:
+    return [f.name for f in fields(Layout)]

@@ -1,0 +1,208 @@
+"""The planner: memory and time formulas, the layout search, the published-runs validation and the
+`colossus plan` command line (its flags and JSON keys are a contract)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from colossus import modelmath
+from colossus.config import ModelConfig, config_from_dict
+from colossus.errors import UserError
+from colossus.models.presets import get_preset
+from colossus.plan.cluster import Cluster, get_cluster
+from colossus.plan.costmodel import Layout, Software, all_reduce_time, Machine, memory_breakdown, predict
+from colossus.plan.hardware import GPUS
+from colossus.plan.search import LAYOUT_KEYS, candidates, parse_layout, search
+from conftest import REPO
+
+RUNS = tomllib.loads((REPO / "colossus" / "plan" / "data" / "published_runs.toml").read_text())["run"]
+GPT_175B = ModelConfig(name="gpt-175b", n_layers=96, d_model=12288, n_heads=96, n_kv_heads=96, head_dim=128,
+                       ffn_dim=4 * 12288, ffn_type="gelu", n_experts=1, top_k=1, vocab_size=51200, seq_len=2048,
+                       norm="pre")
+
+
+def predict_published(row: dict):
+    model = config_from_dict({"model": row["model"]}).model
+    spec = row["cluster"]
+    cluster = Cluster(row["name"], GPUS[spec["gpu"]], spec["n_gpus"], spec["gpus_per_node"], spec["nic_gbps"])
+    fixed = {key: value for key, value in row["layout"].items() if key in LAYOUT_KEYS}
+    fixed.setdefault("cp", 1)
+    fixed.setdefault("ep", 1)
+    result = search(model, cluster, fixed, top=1, software=Software(**row.get("software", {})))
+    assert result.ranked, f"{row['name']}: the published layout does not fit in the model"
+    return result.ranked[0]
+
+
+def test_published_runs_step_time() -> None:
+    """Every validated published run: median step-time error at most 10%, none worse than 25%."""
+    errors = {}
+    for row in RUNS:
+        if row["validate"]:
+            errors[row["name"]] = predict_published(row).step_time_s / row["step_time_s"] - 1
+    assert len(errors) >= 15
+    worst = max(errors, key=lambda name: abs(errors[name]))
+    assert statistics.median(abs(e) for e in errors.values()) <= 0.10, errors
+    assert abs(errors[worst]) <= 0.25, (worst, errors[worst])
+
+
+def test_activation_memory_matches_korthikanti_for_gpt() -> None:
+    """GPT (MHA, 4h GELU MLP, pre-norm): 34 s b h bytes per layer in Korthikanti et al. (2022, eq. 1,
+    without the 5 a s^2 b score terms) minus the two 1-byte dropout masks = 32 h per token."""
+    assert modelmath.activation_bytes_per_token(GPT_175B) == 32 * 12288
+    assert modelmath.activation_bytes_per_token(GPT_175B, "full") == 2 * 12288  # only the layer input
+
+
+def test_zero_stages_shard_state_as_the_paper_says() -> None:
+    """ZeRO (Rajbhandari et al. 2020, Figure 1) with fp32 gradients: 2 + 4 + 12 bytes per parameter,
+    stage 1 shards the 12, stage 2 also the 4, stage 3 also the 2."""
+    assert modelmath.state_bytes_per_param(0, 64) == 18
+    assert modelmath.state_bytes_per_param(1, 64) == pytest.approx(2 + 4 + 12 / 64)
+    assert modelmath.state_bytes_per_param(2, 64) == pytest.approx(2 + 16 / 64)
+    assert modelmath.state_bytes_per_param(3, 64) == pytest.approx(18 / 64)
+
+
+def test_memory_falls_with_sharding_recompute_and_parallelism() -> None:
+    base = Layout(tp=8, pp=8, dp=8, mbs=1, gbs=64, recompute="none", zero=0)
+    total = lambda layout: sum(memory_breakdown(GPT_175B, layout).values())  # noqa: E731
+    assert total(Layout(**{**base.__dict__, "zero": 3})) < total(Layout(**{**base.__dict__, "zero": 1})) < total(base)
+    assert total(Layout(**{**base.__dict__, "recompute": "full"})) < total(base)
+    # weights: 175B / (tp 8 * pp 8) * 2 bytes, plus the embedding on the first stage
+    weights = memory_breakdown(GPT_175B, base)["weights"]
+    assert weights == pytest.approx((174.6e9 / 64 + 51200 * 12288 * 7 / 8 / 8) * 2, rel=0.02)
+
+
+def test_all_reduce_follows_the_ring_formula() -> None:
+    """Bus bandwidth convention: time = 2 (n-1)/n * bytes / bandwidth (+ latency); NVLink beats the NIC."""
+    machine = Machine(GPUS["h100-sxm"], 8, 400.0)
+    one_gb = 1e9
+    inside, across = all_reduce_time(machine, one_gb, 8, True), all_reduce_time(machine, one_gb, 8, False)
+    assert inside == pytest.approx(2 * 7 / 8 * one_gb / (450e9 * 0.82), rel=0.01)
+    assert across > 5 * inside
+    assert all_reduce_time(machine, one_gb, 1, False) == 0
+
+
+def test_interleaving_shrinks_the_bubble_and_more_gpus_go_faster() -> None:
+    cluster = get_cluster("dgx-a100-512")
+    plain = predict(GPT_175B, cluster, Layout(tp=8, pp=8, dp=8, mbs=1, gbs=512, recompute="full", zero=1))
+    interleaved = predict(GPT_175B, cluster, Layout(tp=8, pp=8, vpp=4, dp=8, mbs=1, gbs=512, recompute="full", zero=1))
+    assert interleaved.time_s["pipeline_bubble"] < plain.time_s["pipeline_bubble"] / 3
+    assert interleaved.step_time_s < plain.step_time_s
+    bigger = predict(GPT_175B, get_cluster("dgx-a100-1024"), Layout(tp=8, pp=8, dp=16, mbs=1, gbs=512, recompute="full", zero=1))
+    assert bigger.step_time_s < plain.step_time_s and 0.3 < bigger.mfu < 0.6
+
+
+def test_every_candidate_is_valid() -> None:
+    """Parallel sizes multiply to the GPU count and divide what they split; micro-batches fill the pipeline."""
+    model = get_preset("grok-1")
+    layouts = candidates(model, 4096, 8, {})
+    assert len(layouts) > 100
+    for lay in layouts:
+        assert lay.tp * lay.pp * lay.dp * lay.cp == 4096
+        assert model.n_heads % lay.tp == 0 and model.n_kv_heads % lay.tp == 0 and model.n_experts % lay.ep == 0
+        assert lay.gbs % (lay.dp * lay.mbs) == 0 and lay.micro_batches >= lay.pp
+        assert (model.n_layers // lay.pp) % lay.vpp == 0
+
+
+def test_fixed_keys_are_kept() -> None:
+    fixed = parse_layout("tp=4,pp=2,recompute=full,zero=1")
+    result = search(get_preset("grok-1"), get_cluster("dgx-h100-1024"), fixed)
+    assert result.ranked
+    for p in result.ranked:
+        assert (p.layout.tp, p.layout.pp, p.layout.recompute, p.layout.zero) == (4, 2, "full", 1)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("tp=3", ["tp=3", "48 heads"]),
+    ("pp=65", ["pp=65", "64 layers"]),
+    ("ep=3", ["ep=3", "8 experts"]),
+    ("tp=8,pp=4,dp=3,cp=1", ["does not divide", "1,024 GPUs"]),
+    ("recompute=some", ["recompute", "none, selective, full"]),
+    ("zero=5", ["zero=5", "0-3"]),
+    ("size=2", ["size=2", "tp, pp"]),
+])
+def test_impossible_layouts_are_one_line_errors(text: str, words: list[str]) -> None:
+    with pytest.raises(UserError) as error:
+        search(get_preset("grok-1"), get_cluster("dgx-h100-1024"), parse_layout(text))
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def test_cluster_presets_and_files(tmp_path: Path) -> None:
+    colossus = get_cluster("colossus-100k")
+    assert (colossus.n_gpus, colossus.gpus_per_node, colossus.nic_gbps, colossus.gpu.name) == (100_000, 8, 400, "H100 SXM5")
+    mixed = get_cluster("colossus-200k")
+    assert sum(count for _, count in mixed.gpus_by_type()) == 200_000 and "slowest" in mixed.note
+    assert get_cluster("hgx-h200-64").gpu.hbm_gb == 141
+    path = tmp_path / "mine.toml"
+    path.write_text('[cluster]\nn_gpus = 16\ngpus_per_node = 4\nnic_gbps = 100\n'
+                    '[cluster.gpu]\nname = "X1"\nbf16_tflops = 500\nhbm_gb = 96\nhbm_tb_s = 4\nnvlink_gb_s = 400\ntdp_w = 600\n')
+    mine = get_cluster(str(path))
+    assert (mine.n_gpus, mine.gpu.bf16_tflops, mine.gpu.fp8_tflops) == (16, 500, 0)
+    for bad, words in [("[cluster]\ngpu = \"z100\"\nn_gpus = 8\n", "unknown GPU 'z100'"),
+                       ("[cluster]\ngpu = \"h100-sxm\"\nn_gpus = 0\n", "cluster.n_gpus must be positive"),
+                       ("[cluster]\ngpu = \"h100-sxm\"\nn_gpus = 8\nspeed = 1\n", "unknown key cluster.speed")]:
+        path.write_text(bad)
+        with pytest.raises(UserError, match=words):
+            get_cluster(str(path))
+    with pytest.raises(UserError, match="multiple of 8"):
+        get_cluster("dgx-h100-12")
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "colossus", "plan", *args], capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_grok1_on_colossus_command_line() -> None:
+    """The acceptance command: a layout that fits in 80 GB, its MFU, days and cost, in about a second."""
+    started = time.perf_counter()
+    result = run_plan("--model", "grok-1", "--cluster", "colossus-100k", "--tokens", "6e12")
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert "MFU" in result.stdout and "days" in result.stdout and "$" in result.stdout
+    report = json.loads(run_plan("--model", "grok-1", "--cluster", "colossus-100k", "--tokens", "6e12", "--json").stdout)
+    for key in ("layout", "step_time_s", "tokens_per_s", "model_flops_per_token", "model_tflops_per_gpu", "mfu",
+                "memory_gib_per_gpu", "fits", "days", "gpu_hours", "energy_mwh", "cost_usd"):
+        assert key in report, key
+    assert set(report["layout"]) >= set(LAYOUT_KEYS)
+    lay = report["layout"]
+    assert lay["tp"] * lay["pp"] * lay["dp"] * lay["cp"] == 100_000
+    assert report["fits"] and report["memory_gib_per_gpu"] * 2**30 <= 80e9
+    assert report["search_s"] < 2.0 and elapsed < 30
+    # consistency: tokens / (tokens per second) is the run time; cost is GPU-hours times the price
+    assert report["days"] == pytest.approx(6e12 / report["tokens_per_s"] / 86400)
+    assert report["cost_usd"] == pytest.approx(report["gpu_hours"] * 2.0)
+    assert report["mfu"] == pytest.approx(report["model_tflops_per_gpu"] * 1e12 / 989e12)
+    assert 0.2 < report["mfu"] < 0.7
+    assert report["model_flops_per_token"] == modelmath.flops_per_token(get_preset("grok-1"))
+
+
+def test_fully_fixed_layout_and_model_file(tmp_path: Path) -> None:
+    model = tmp_path / "model.toml"
+    model.write_text('[model]\npreset = "large"\nn_layers = 16\n')
+    result = run_plan("--model", str(model), "--cluster", "dgx-h100-64", "--json",
+                      "--layout", "tp=8,pp=1,vpp=1,dp=8,ep=1,cp=1,mbs=1,gbs=64,recompute=full,zero=1,precision=bf16")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["layout"]["gbs"] == 64 and report["alternatives"] == []
+    assert report["params_total"] == modelmath.params_total(config_from_dict({"model": {"preset": "large", "n_layers": 16}}).model)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "grok-9", "--cluster", "colossus-100k"], "neither a preset"),
+    (["--model", "grok-1", "--cluster", "tpu-pod"], "unknown cluster 'tpu-pod'"),
+    (["--model", "grok-1", "--cluster", "dgx-a100-8"], "fits in no layout"),
+    (["--model", "grok-1", "--cluster", "colossus-100k", "--layout", "tp=16"], "tp=16"),
+    (["--model", "grok-1", "--cluster", "colossus-100k", "--gpus", "200000"], "--gpus 200000"),
+])
+def test_plan_user_errors(args: list[str], words: str) -> None:
+    result = run_plan(*args)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
