@@ -60,10 +60,26 @@ def test_repeated_nan_rolls_back_and_skips_the_batch(tmp_path: Path, corpus_dir:
     assert losses(tmp_path / "run")[10]["loss"] == losses(tmp_path / "run")[10]["loss"]  # finite
 
 
+_started: list[subprocess.Popen] = []  # every job a test starts, reaped after the test
+
+
+@pytest.fixture(autouse=True)
+def reap_jobs():
+    """A failed assertion must not leave a torchrun job (and its workers) running behind the suite."""
+    yield
+    while _started:
+        job = _started.pop()
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
 def run_cli(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*(launcher or [sys.executable]), "-m", "colossus.train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen([*(launcher or [sys.executable]), "-m", "colossus.train", *args], cwd=cwd, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _started.append(job)
+    return job
 
 
 def wait_for_step(run: Path, step: int, timeout: float = 240) -> None:
