@@ -8,7 +8,6 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,39 +17,26 @@ from colossus.config import ModelConfig, config_from_dict
 from colossus.errors import UserError
 from colossus.models.presets import get_preset
 from colossus.plan.cluster import Cluster, get_cluster
-from colossus.plan.costmodel import Layout, Software, all_reduce_time, Machine, memory_breakdown, predict
+from colossus.plan.costmodel import Layout, Machine, all_reduce_time, memory_breakdown, predict
 from colossus.plan.hardware import GPUS
 from colossus.plan.search import LAYOUT_KEYS, candidates, parse_layout, search
+from colossus.plan.validation import check_all
 from conftest import REPO
 
-RUNS = tomllib.loads((REPO / "colossus" / "plan" / "data" / "published_runs.toml").read_text())["run"]
 GPT_175B = ModelConfig(name="gpt-175b", n_layers=96, d_model=12288, n_heads=96, n_kv_heads=96, head_dim=128,
                        ffn_dim=4 * 12288, ffn_type="gelu", n_experts=1, top_k=1, vocab_size=51200, seq_len=2048,
                        norm="pre")
 
 
-def predict_published(row: dict):
-    model = config_from_dict({"model": row["model"]}).model
-    spec = row["cluster"]
-    cluster = Cluster(row["name"], GPUS[spec["gpu"]], spec["n_gpus"], spec["gpus_per_node"], spec["nic_gbps"])
-    fixed = {key: value for key, value in row["layout"].items() if key in LAYOUT_KEYS}
-    fixed.setdefault("cp", 1)
-    fixed.setdefault("ep", 1)
-    result = search(model, cluster, fixed, top=1, software=Software(**row.get("software", {})))
-    assert result.ranked, f"{row['name']}: the published layout does not fit in the model"
-    return result.ranked[0]
-
-
 def test_published_runs_step_time() -> None:
     """Every validated published run: median step-time error at most 10%, none worse than 25%."""
-    errors = {}
-    for row in RUNS:
-        if row["validate"]:
-            errors[row["name"]] = predict_published(row).step_time_s / row["step_time_s"] - 1
-    assert len(errors) >= 15
+    checked = check_all()
+    assert len(checked) >= 15
+    errors = {c.name: c.error for c in checked}
     worst = max(errors, key=lambda name: abs(errors[name]))
     assert statistics.median(abs(e) for e in errors.values()) <= 0.10, errors
     assert abs(errors[worst]) <= 0.25, (worst, errors[worst])
+    assert all(c.predicted.fits for c in checked)  # every published layout fits in its GPUs' memory
 
 
 def test_activation_memory_matches_korthikanti_for_gpt() -> None:
