@@ -1,0 +1,123 @@
+"""The failure and checkpoint simulator: calibration on Llama 3's log, agreement with Daly's optimum,
+and the `colossus simulate` command line (its flags and JSON keys are a contract)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colossus.errors import UserError
+from colossus.plan.failures import LLAMA3_CAUSES, FailureModel, load_failure_model
+from colossus.plan.simulate import CheckpointCost, Scenario, best_interval, daly_interval, simulate, young_interval
+from conftest import REPO
+
+
+def run_simulate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "colossus", "simulate", *args], capture_output=True, text=True,
+                          timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})
+
+
+def test_failure_model_reproduces_the_llama3_log_by_cause() -> None:
+    """At Llama 3's size and length the expected count of every cause equals the published one, and
+    the rates scale with the components: twice the GPUs, twice the failures."""
+    model = FailureModel.llama3()
+    per_day = model.unexpected_per_day(16_384)
+    for cause, (count, _) in LLAMA3_CAUSES.items():
+        assert per_day[cause] * 54 == pytest.approx(count)
+    assert sum(per_day.values()) * 54 == pytest.approx(419)
+    assert sum(model.unexpected_per_day(32_768).values()) == pytest.approx(2 * sum(per_day.values()))
+    assert model.mtti_s(16_384) == pytest.approx(54 * 86400 / 419)
+    assert model.planned_per_day * 54 == pytest.approx(47)
+    assert 0.75 < model.hardware_share(16_384) < 0.85  # Llama 3: ~78% of unexpected ones were hardware
+
+
+def test_failure_overrides_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "failures.toml"
+    path.write_text("[failures]\nfaulty_gpu_per_day = 0.0\nplanned_per_day = 2.0\n")
+    model = load_failure_model(path)
+    assert model.per_gpu_day["faulty_gpu"] == 0 and model.planned_per_day == 2.0
+    assert sum(model.unexpected_per_day(16_384).values()) * 54 == pytest.approx(419 - 148)
+    path.write_text("[failures]\nmeteor_per_day = 1.0\n")
+    with pytest.raises(UserError, match="unknown key failures.meteor_per_day"):
+        load_failure_model(path)
+
+
+def test_without_failures_goodput_is_the_checkpoint_overhead() -> None:
+    """No interruptions: goodput = interval / (interval + block), and nothing is lost."""
+    scenario = Scenario(mtti_s=1e15, planned_per_s=0.0, checkpoint=CheckpointCost(10, 10, 0), restart_s=300)
+    outcome = simulate(scenario, 990.0, trials=20, seed=0, work_s=86400 * 5)
+    assert outcome.goodput.mean() == pytest.approx(990 / 1000, rel=1e-3)
+    assert outcome.unexpected.sum() == 0 and outcome.lost_s.sum() == 0
+
+
+def test_interruption_counts_follow_the_rate() -> None:
+    """Over a fixed horizon the count of interruptions is Poisson: mean horizon / MTTI."""
+    scenario = Scenario(mtti_s=3600.0, planned_per_s=1 / 86400, checkpoint=CheckpointCost(5, 30, 30), restart_s=300)
+    outcome = simulate(scenario, 600.0, trials=400, seed=1, horizon_s=30 * 86400)
+    assert outcome.unexpected.mean() == pytest.approx(30 * 24, rel=0.03)
+    assert outcome.planned.mean() == pytest.approx(30, rel=0.1)
+    assert 0.7 < outcome.goodput.mean() < 0.9 and (outcome.lost_s > 0).all()
+
+
+@pytest.mark.parametrize("gpus", [4_096, 16_384, 65_536, 200_000])
+def test_monte_carlo_optimum_agrees_with_daly(gpus: int) -> None:
+    """Synchronous checkpoints (Daly's assumptions): the Monte Carlo goodput peaks within 15% of Daly's
+    interval over cluster sizes whose MTTI runs from hours to minutes."""
+    mtti = FailureModel.llama3().mtti_s(gpus)
+    scenario = Scenario(mtti_s=mtti, planned_per_s=0.0, checkpoint=CheckpointCost(60, 60, 0), restart_s=300)
+    best, curve = best_interval(scenario, trials=120, seed=2, work_s=10 * 86400)
+    assert best == pytest.approx(daly_interval(60, mtti), rel=0.15), (best, daly_interval(60, mtti))
+    assert max(g for _, g in curve) > curve[0][1] and max(g for _, g in curve) > curve[-1][1]  # a real peak
+    assert young_interval(60, mtti) > daly_interval(60, mtti) * 0.9
+
+
+def test_llama3_scale_acceptance() -> None:
+    """16,384 H100 for 54 days: 419 unexpected interruptions within 10%, goodput above 90% at the
+    interval the tool chooses."""
+    result = run_simulate("--cluster", "dgx-h100-16384", "--days", "54", "--trials", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("interruptions_unexpected", "interruptions_planned", "mtti_s", "checkpoint_interval_s", "goodput",
+                "days_p50", "days_p90", "energy_mwh", "peak_power_mw", "power_swing_mw"):
+        assert key in report, key
+    assert report["interruptions_unexpected"] == pytest.approx(419, rel=0.10)
+    assert report["interruptions_planned"] == pytest.approx(47, rel=0.25)
+    assert report["goodput"] > 0.90
+    assert report["days_p50"] == pytest.approx(54)
+    # power: 16,384 GPUs x 700 W plus nodes, times PUE; the swing is the GPUs' busy-to-waiting drop
+    assert 16_384 * 700 * 1.2 / 1e6 < report["peak_power_mw"] < 16_384 * 1300 * 1.2 / 1e6
+    assert 0 < report["power_swing_mw"] < report["peak_power_mw"]
+    assert report["energy_mwh"] == pytest.approx(report["peak_power_mw"] * 54 * 24, rel=0.25)
+
+
+def test_growth_and_plot(tmp_path: Path) -> None:
+    """A run that grows to colossus-200k on day 2 is re-planned there (twice the failure rate) and its
+    days add up; the plot of goodput against interval is written."""
+    common = ("--model", "grok-1", "--tokens", "2e13", "--trials", "40", "--json")
+    plot = tmp_path / "goodput.png"
+    grown = run_simulate("--cluster", "colossus-100k", "--grow", "2:colossus-200k", "--plot", str(plot), *common)
+    assert grown.returncode == 0, grown.stderr
+    grown = json.loads(grown.stdout)
+    assert [p["n_gpus"] for p in grown["phases"]] == [100_000, 200_000]
+    assert grown["phases"][1]["mtti_s"] == pytest.approx(grown["phases"][0]["mtti_s"] / 2)
+    first, second = grown["phases"]
+    assert first["days_mean"] == pytest.approx(2) and second["days_mean"] > 0.5
+    assert grown["days_p50"] == pytest.approx(first["days_mean"] + second["days_mean"], rel=0.05)
+    assert second["layout"]["tp"] * second["layout"]["pp"] * second["layout"]["dp"] * second["layout"]["cp"] == 200_000
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cluster", "colossus-100k", "--days", "30", "--grow", "5:colossus-200k"], "--grow needs --tokens"),
+    (["--cluster", "colossus-100k", "--days", "-1"], "--days must be positive"),
+    (["--cluster", "colossus-100k", "--days", "3", "--checkpoint-interval", "often"], "--checkpoint-interval 'often'"),
+    (["--cluster", "colossus-100k", "--tokens", "1e12", "--grow", "x:y"], "expected DAY:CLUSTER"),
+])
+def test_simulate_user_errors(args: list[str], words: str) -> None:
+    result = run_simulate(*args)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
