@@ -8,9 +8,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from colossus import __version__
 from colossus.errors import UserError
+
+if TYPE_CHECKING:  # at run time the profile module (and torch) loads only for `colossus bench`
+    from colossus.plan.profile import MachineProfile
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -55,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="List the model presets: total and active parameters, FLOPs per token.")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     from colossus.plan.command import add_parser as add_plan_parser
+    from colossus.plan.simulate_command import add_parser as add_simulate_parser
 
     add_plan_parser(commands)
+    add_simulate_parser(commands)
     launch = commands.add_parser(
         "launch", help="print the torchrun command(s) for a run on N nodes",
         description="Print the exact torchrun command to run on each node (c10d rendezvous on the head node). "
@@ -71,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure (default 0)")
     launch.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN ARGS",
                         help="arguments for `colossus train` (config, --out, --set ...)")
+
+    bench = commands.add_parser(
+        "bench", help="measure this machine (matmul, memory, dispatch, all-reduce) for the planner",
+        description="Measure what this machine achieves: matmul FLOP/s over a grid of shapes, memory bandwidth,\n"
+                    "the cost of one small eager op, and all-reduce times across 2 local processes (gloo on a\n"
+                    "CPU, NCCL on GPUs). Writes the machine profile that `colossus plan` reads.",
+        epilog="examples:\n"
+               "  colossus bench                  # under a minute; writes ~/.cache/colossus/machine_profile.json\n"
+               "  colossus bench --quick          # fewer shapes and sizes, 10-20 s\n"
+               "  colossus bench --threads 1 --out profile-1t.json --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--out", metavar="FILE", help="where to write the profile (default: machine_profile.json "
+                                                     "in the cache folder, ~/.cache/colossus)")
+    bench.add_argument("--threads", type=int, metavar="N", help="CPU threads for the measurement "
+                                                                "(default: torch's, all cores)")
+    bench.add_argument("--quick", action="store_true", help="a smaller grid and fewer sizes: 10-20 s")
+    bench.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     return parser
 
 
@@ -114,6 +137,12 @@ def run_plan(args: argparse.Namespace) -> int:
     return plan(args)
 
 
+def run_simulate(args: argparse.Namespace) -> int:
+    from colossus.plan.simulate_command import run_simulate as simulate
+
+    return simulate(args)
+
+
 def run_models(args: argparse.Namespace) -> int:
     from colossus import modelmath
     from colossus.models.presets import PRESETS
@@ -136,6 +165,86 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from colossus.data.cache import make_dir
+    from colossus.plan.profile import default_profile_path
+
+    out = Path(args.out) if args.out else default_profile_path()
+    if out.is_dir():  # found before a minute of measuring, not after
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'machine_profile.json'}")
+    make_dir(out.parent)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    from colossus.plan.profile import measure  # torch loads only once the flags are known to be good
+
+    print(f"measuring this machine ({'10-20 s' if args.quick else 'under a minute'}) ...", file=sys.stderr)
+    profile = measure(threads=args.threads, quick=args.quick)
+    profile.save(out)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(profile), indent=1))
+        return 0
+    _print_profile(profile)
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_profile(profile: MachineProfile) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from colossus.plan.profile import bus_bandwidth
+
+    console = Console()
+    peak = profile.peak_flops()
+    peak_shape = next(row[:3] for row in profile.matmul if row[3] == peak)
+    console.print(f"[bold]{profile.name}[/bold]: {profile.device}, {profile.dtype} matmuls, "
+                  f"{profile.threads} thread{'s' * (profile.threads != 1)}")
+    console.print(f"matmul peak {peak / 1e9:,.1f} GFLOP/s at m x n x k = {_shape(peak_shape)}")
+    sizes = sorted({row[0] for row in profile.matmul})
+    shapes = [(size, size, size) for size in sizes] + [(sizes[0], sizes[-1], sizes[-1])]  # last: one thin side
+    table = Table(title="matmul of m x k by k x n")
+    for column in ("m x n x k", "GFLOP/s", "of peak", "time"):
+        table.add_column(column, justify="right")
+    for m, n, k in shapes:
+        flops = profile.matmul_flops(m, n, k)
+        table.add_row(_shape((m, n, k)), f"{flops / 1e9:,.2f}", f"{flops / peak:.0%}",
+                      _seconds(profile.matmul_time(m, n, k)))
+    console.print(table)
+    console.print(f"memory bandwidth {profile.memory_bytes_per_s / 1e9:,.1f} GB/s "
+                  "(c = a + b over tensors larger than the caches)")
+    console.print(f"op overhead {profile.op_overhead_s * 1e6:,.1f} µs (one eager add of 4 elements)")
+    if not profile.allreduce:
+        console.print("all-reduce: not measured (one device)")
+        return
+    table = Table(title=f"all-reduce of float32 ({'nccl' if profile.device == 'cuda' else 'gloo'})")
+    for column in ("processes", "size", "time", "bus GB/s"):
+        table.add_column(column, justify="right")
+    for processes, nbytes, seconds in profile.allreduce:
+        table.add_row(str(int(processes)), _bytes(nbytes), _seconds(seconds),
+                      f"{bus_bandwidth(nbytes, seconds, int(processes)) / 1e9:,.2f}")
+    console.print(table)
+
+
+def _shape(shape: list[float] | tuple[int, ...]) -> str:
+    return " x ".join(str(int(side)) for side in shape)
+
+
+def _seconds(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        if seconds >= scale:
+            return f"{seconds / scale:,.2f} {unit}"
+    return f"{seconds * 1e6:,.1f} µs"
+
+
+def _bytes(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{int(nbytes)} B"
+
+
 def _human(count: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= scale:
@@ -146,7 +255,7 @@ def _human(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan}
+    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "bench": run_bench}
     if args.command is None:
         parser.print_help()
         return 0
