@@ -148,6 +148,33 @@ def activation_bytes_per_token(m: ModelConfig, recompute: str = "none") -> float
     return float(attention + ffn + norms)
 
 
+def parameter_tensors_per_layer(m: ModelConfig) -> int:
+    """Weight tensors in one block (what per-tensor framework costs scale with): Q, K, V and output
+    projections, the norms' scales, the router and the FFN's matrices (stacked over experts)."""
+    norms = 4 if m.norm == "sandwich" else 2
+    return 4 + norms + _FFN_MATRICES[m.ffn_type] + (1 if m.is_moe else 0)
+
+
+def pointwise_elements_per_token(m: ModelConfig, fused_attention: bool, seq_len: int | None = None) -> float:
+    """Element-wise operations one layer's forward applies per token (each op over each element counts
+    one): what bounds a layer's non-matmul time where memory or dispatch, not FLOPs, is the limit.
+    RMSNorm ~4 ops over d (square, mean, scale, weight), residual adds, RoPE ~5 over Q and K, copies
+    for head layout and grouped-query expansion, unfused attention ~8 over the T scores per head
+    (scale, soft-cap tanh, mask, softmax), the router's softmax and top-k, moving each routed token
+    to its expert and back (3 over d), and the gate (activation, product: 2 over ffn_dim)."""
+    t = seq_len or m.seq_len
+    d, q, heads, kv = m.d_model, m.head_dim, m.n_heads, m.n_kv_heads
+    norms = (4 if m.norm == "sandwich" else 2) * 4 * d + 2 * d
+    attention = 5 * (heads + kv) * q + (heads + 2 * kv) * q + heads * q + 2 * heads * q * (kv < heads)
+    if not fused_attention:
+        attention += 8 * heads * t
+    routed = min(m.top_k, m.n_experts)
+    ffn = routed * (2 if m.ffn_type in ("geglu", "swiglu") else 1) * m.ffn_dim
+    if m.is_moe:
+        ffn += 4 * m.n_experts + 3 * routed * d
+    return float(norms + attention + ffn)
+
+
 def summary(m: ModelConfig) -> dict[str, float | int | str]:
     """The figures `colossus models` prints."""
     return {

@@ -7,6 +7,7 @@ catalog's fields), `n_gpus`, `gpus_per_node`, `nic_gbps` (per GPU); optional `na
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -84,6 +85,16 @@ _GENERIC = {
     "dgx-h100": ("h100-sxm", 400.0, 4600.0, 2.0),  # DGX H100: 10.2 kW max, 5.6 kW of GPUs
     "hgx-h200": ("h200-sxm", 400.0, 4600.0, 2.5),
 }
+
+
+def local_cluster(profile: object, processes: int) -> Cluster:
+    """This machine as a cluster of `processes` ranks, described by a measured MachineProfile (the
+    cost model then takes compute and all-reduce times from the profile, not a datasheet)."""
+    peak = profile.peak_flops()
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9 / processes  # RAM per process
+    device = GPU(profile.name, peak / 1e12, 0.0, memory_gb, profile.memory_bytes_per_s / 1e12, 1.0, 100.0)
+    return Cluster(f"local-{processes}", device, processes, processes, 1.0, pue=1.0, usd_per_gpu_hour=0.0,
+                   node_overhead_w=0.0, note=f"this machine, measured by `colossus bench` ({profile.name})")
 
 
 def preset_names() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import tomllib
 from pathlib import Path
@@ -13,8 +14,8 @@ from colossus import modelmath
 from colossus.config import ModelConfig, config_from_dict
 from colossus.errors import UserError
 from colossus.models.presets import PRESETS, get_preset
-from colossus.plan.cluster import Cluster, get_cluster
-from colossus.plan.costmodel import Prediction, run_totals
+from colossus.plan.cluster import Cluster, get_cluster, local_cluster
+from colossus.plan.costmodel import Prediction, Software, run_totals
 from colossus.plan.search import SearchResult, parse_layout, search
 
 EPILOG = """\
@@ -38,11 +39,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--model", required=True, metavar="PRESET|FILE.toml",
                       help=f"a model preset ({', '.join(PRESETS)}) or a TOML file with a [model] table")
     plan.add_argument("--cluster", required=True, metavar="PRESET|FILE.toml",
-                      help="colossus-100k, colossus-200k, dgx-a100-N, dgx-h100-N, hgx-h200-N (N GPUs) or a TOML file")
+                      help="colossus-100k, colossus-200k, dgx-a100-N, dgx-h100-N, hgx-h200-N (N GPUs), a TOML file, "
+                           "or local-N (N processes on this machine, from `colossus bench`)")
     plan.add_argument("--gpus", type=int, metavar="N", help="use N GPUs of the cluster (default: all)")
     plan.add_argument("--layout", default="", metavar="K=V,...", help="fix layout keys, e.g. tp=8,pp=4,recompute=full")
     plan.add_argument("--tokens", type=float, metavar="N", help="training tokens: adds days, GPU-hours, energy and cost")
     plan.add_argument("--usd-per-gpu-hour", type=float, metavar="X", help="price for the cost (default: the cluster's)")
+    plan.add_argument("--profile", metavar="FILE.json",
+                      help="with --cluster local-N: the machine profile from `colossus bench` (default: its cache file)")
     plan.add_argument("--top", type=int, default=5, metavar="K", help="layouts to list (default 5)")
     plan.add_argument("--json", action="store_true", help="print one JSON object (the best layout) instead of tables")
 
@@ -65,7 +69,19 @@ def load_model(spec: str) -> ModelConfig:
 
 def plan(args: argparse.Namespace) -> dict:
     model = load_model(args.model)
-    cluster = get_cluster(args.cluster)
+    profile, software = None, Software()
+    local = re.fullmatch(r"local-(\d+)", args.cluster)
+    if local:
+        # This machine, N processes, as `colossus bench` measured it, running the eager trainer.
+        from colossus.plan.profile import MachineProfile, default_profile_path
+
+        profile = MachineProfile.load(Path(args.profile) if args.profile else default_profile_path())
+        cluster = local_cluster(profile, max(1, int(local.group(1))))
+        software = Software(fused_attention=model.attn_softcap == 0, overlap_grad_reduce=False)
+    else:
+        if args.profile:
+            raise UserError("--profile goes with --cluster local-N (this machine); datasheet clusters need none")
+        cluster = get_cluster(args.cluster)
     if args.gpus is not None:
         cluster = cluster.with_gpus(args.gpus)
     if args.tokens is not None and not args.tokens > 0:
@@ -76,7 +92,7 @@ def plan(args: argparse.Namespace) -> dict:
         raise UserError(f"--top must be at least 1, got {args.top}")
     fixed = parse_layout(args.layout)
     started = time.perf_counter()
-    result = search(model, cluster, fixed, top=args.top)
+    result = search(model, cluster, fixed, top=args.top, profile=profile, software=software)
     elapsed = time.perf_counter() - started
     if not result.ranked:
         smallest = result.best_unfit
@@ -141,7 +157,7 @@ def print_plan(report: dict, result: SearchResult, cluster: Cluster, model: Mode
     console.print(table)
     best: Prediction = result.ranked[0]
     console.print(f"best: {best.layout.describe()}: {best.step_time_s:.2f} s per step, {best.tokens_per_s:,.0f} tokens/s, "
-                  f"{best.model_tflops_per_gpu:.0f} model TFLOP/s per GPU, MFU {best.mfu:.1%}")
+                  f"{best.model_tflops_per_gpu:.3g} model TFLOP/s per GPU, MFU {best.mfu:.1%}")
     console.print("  memory per GPU (GiB): " + ", ".join(f"{k} {v:.1f}" for k, v in best.memory_gib.items())
                   + f" = {best.memory_gib_per_gpu:.1f} of {cluster.gpu.hbm_gb * 1e9 / 2**30:.1f}")
     console.print("  time per step (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in best.time_s.items() if v > 0))

@@ -112,7 +112,7 @@ class Software:
     neither, and their rows in plan/data/published_runs.toml say so."""
 
     fused_attention: bool = True  # no T x T score matrix in memory (Dao et al. 2022, FlashAttention)
-    overlap_grad_reduce: bool = True  # bucketed gradient reduction during the backward (Li et al. 2020)
+    overlap_grad_reduce: bool = True  # gradient reduction (and FSDP's gathers) during compute (Li et al. 2020)
 
 
 # Passes over the T x T attention scores when attention is not fused: the scores GEMM writes them,
@@ -224,14 +224,22 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
     attention = mbs * heads * per_head
     element_bytes = 4 if machine.profile is not None else 2  # fp32 on CPU, bf16 on GPUs
     score_forward = score_backward = 0.0
-    if not software.fused_attention:
+    measured_pointwise = machine.profile is not None and getattr(machine.profile, "pointwise_elements_per_s", 0) > 0
+    if not software.fused_attention and not measured_pointwise:
         scores = mbs * heads * (seq / cp) * seq * element_bytes
         score_forward = machine.memory_time(SCORE_PASSES_FORWARD * scores)
         score_backward = machine.memory_time(SCORE_PASSES_BACKWARD * scores)
     stored = modelmath.activation_bytes_per_token(m) / 2 * element_bytes * tokens / tp
-    elementwise = machine.memory_time(ELEMENTWISE_PASSES * stored)
-    if machine.profile is not None:
-        elementwise += _OPS_PER_LAYER * machine.profile.op_overhead_s
+    if measured_pointwise:
+        # A measured machine: element-ops at its measured pointwise rate, forward + 2x backward, and
+        # every op's dispatch and autograd bookkeeping (small models on CPUs are bound by these).
+        elements = tokens * modelmath.pointwise_elements_per_token(m, software.fused_attention, seq) / tp
+        ops = OPS_PER_MOE_LAYER if m.is_moe else OPS_PER_DENSE_LAYER
+        elementwise = 3 * elements / machine.profile.pointwise_elements_per_s + ops * machine.profile.autograd_op_s
+    else:
+        elementwise = machine.memory_time(ELEMENTWISE_PASSES * stored)
+        if machine.profile is not None:
+            elementwise += (OPS_PER_MOE_LAYER if m.is_moe else OPS_PER_DENSE_LAYER) * machine.profile.op_overhead_s
     inside_tp = tp <= machine.gpus_per_node
     activation = tokens * d * element_bytes  # one full-sequence activation of this micro-batch
     # Sequence parallelism: 2 all-gathers + 2 reduce-scatters forward, the same backward (Korthikanti, section 4.2.2).
@@ -246,9 +254,13 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
     return LayerCost(forward, attention, score_forward, score_backward, elementwise, tp_comm, ep_comm, cp_comm)
 
 
-# Eager ops per layer and micro-batch, forward + backward, for the per-op overhead on measured
-# machines (norms, projections, rope, attention, routing, experts, residuals: ~60 forward, ~2x backward).
-_OPS_PER_LAYER = 180
+# Eager ops (top-level aten calls) of one forward + backward of our own block (models/grok.py), for
+# the per-op cost on measured machines, and of everything outside the blocks per micro-batch
+# (embedding, final norm, logits, loss). Counted with torch.profiler; tests/test_calibration.py
+# recounts them, so a change to the model that moves them fails there first.
+OPS_PER_DENSE_LAYER = 236
+OPS_PER_MOE_LAYER = 345
+OPS_PER_MICRO_BATCH = 70
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -263,6 +275,9 @@ def stage_params(m: ModelConfig, layout: Layout) -> tuple[float, float]:
     dense = layers * dense_layer / layout.tp + modelmath.embedding_params(m) / layout.tp / (1 if layout.pp > 1 or not m.tie_embeddings else 1)
     return dense, layers * experts / (layout.ep * layout.tp)
 
+
+# The unit size `colossus bench` times FSDP with: a 128 x 128 Linear layer in float32.
+_FSDP_PROBE_BYTES = (128 * 128 + 128) * 4
 
 # Fixed per-GPU memory outside the model: CUDA context, NCCL buffers, allocator fragmentation and
 # workspace (observed 2-4 GiB on H100 training jobs; Megatron-LM's memory estimator reserves similar).
@@ -312,8 +327,9 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
         if layer_costs is not None:
             layer_costs[key] = layer
     attention_forward = layer.attention_core + layer.score_forward
+    # Full recompute reruns the whole forward: its GEMMs and its element-wise third (fwd = 1 of 3 passes).
     recompute_extra = {"none": 0.0, "selective": attention_forward,
-                       "full": layer.forward_gemm + attention_forward}[layout.recompute]
+                       "full": layer.forward_gemm + attention_forward + layer.elementwise / 3}[layout.recompute]
     # Backward GEMMs: two per forward one (input and weight gradients; Kaplan et al. 2020, section 2.1).
     compute_layer = (3 * (layer.forward_gemm + layer.attention_core) + layer.score_forward + layer.score_backward
                      + recompute_extra + layer.elementwise)
@@ -326,6 +342,8 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     # The last stage also computes the logits and the loss: its GEMM forward + backward.
     tokens_micro = layout.mbs * m.seq_len / layout.cp
     stage += 3 * machine.gemm(tokens_micro, m.vocab_size / layout.tp, m.d_model, layout.precision)
+    if profile is not None and getattr(profile, "autograd_op_s", 0) > 0:
+        stage += OPS_PER_MICRO_BATCH * profile.autograd_op_s  # embedding, final norm, loss: per-op costs
     p2p = 0.0
     if layout.pp > 1:  # activations to the next stage forward and gradients back, per virtual stage
         element = 4 if profile is not None else 2
@@ -341,24 +359,42 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     inside_dp = layout.tp * layout.cp * layout.dp <= cluster.gpus_per_node
     grad_bytes = modelmath.WEIGHT_BYTES  # gradients are reduced in bf16 (Megatron-LM, FSDP MixedPrecisionPolicy)
     if layout.zero >= 3:
-        # FSDP: all-gather weights before forward and backward of every micro-batch, reduce-scatter
-        # gradients once; overlapped with compute layer by layer, so only the excess shows.
-        gather = 2 * n_micro * all_gather_time(machine, (dense + expert) * modelmath.WEIGHT_BYTES, replicas, inside_dp)
-        scatter = all_gather_time(machine, (dense + expert) * grad_bytes, replicas, inside_dp)
-        data_parallel = max(0.0, gather + scatter - 0.9 * pipeline) + gather / max(2 * n_micro * layers_per_stage, 1)
+        # FSDP, one unit per layer plus the embeddings: all-gather each unit's weights before its forward
+        # and again before its backward, every micro-batch; reduce-scatter its gradients. Overlapping
+        # stacks prefetch the next unit during compute and reduce once per step; a plain eager stack
+        # (overlap_grad_reduce=False) waits for every collective and reduces every micro-batch.
+        units = layers_per_stage + 1
+        unit_params = (dense + expert) / units
+        gather_one = all_gather_time(machine, unit_params * modelmath.WEIGHT_BYTES, replicas, inside_dp)
+        scatter_one = all_gather_time(machine, unit_params * grad_bytes, replicas, inside_dp)
+        gather = 2 * n_micro * units * gather_one
+        measured_unit = (profile.fsdp_unit_time(replicas, modelmath.parameter_tensors_per_layer(m))
+                         if profile is not None and hasattr(profile, "fsdp_unit_time") else None)
+        if measured_unit is not None and not software.overlap_grad_reduce:
+            # A measured machine knows FSDP's fixed cost per unit (collectives, hooks, copies) from
+            # `colossus bench` (64 KB units); bigger units add their extra bytes at the measured bandwidth.
+            probe = all_gather_time(machine, _FSDP_PROBE_BYTES, replicas, inside_dp)
+            extra = max(0.0, 2 * (gather_one - probe)) + max(0.0, scatter_one - probe)
+            data_parallel = n_micro * units * (measured_unit + extra)
+        elif software.overlap_grad_reduce:
+            data_parallel = max(0.0, gather + units * scatter_one - 0.9 * pipeline) + gather_one
+        else:
+            data_parallel = gather + n_micro * units * scatter_one
     else:
         # Gradients all-reduced (or reduce-scattered + weights all-gathered: the same volume) once per step;
         # bucketed and overlapped with the last micro-batch's backward (PyTorch DDP, Li et al. 2020).
         sync = all_reduce_time(machine, (dense + expert) * grad_bytes, replicas, inside_dp)
         overlap = 2 / 3 * micro if layout.pp == 1 and software.overlap_grad_reduce else 0.0
         data_parallel = max(0.0, sync - overlap)
+    if replicas > 1:  # each step's scalar all-reduces: gradient norm, loss for logging, the stop flag
+        data_parallel += 3 * all_reduce_time(machine, 4.0, replicas, inside_dp)
     owned = dense / (replicas if layout.zero >= 1 else 1) + expert / (max(replicas // layout.ep, 1) if layout.zero >= 1 else 1)
     optimizer = machine.memory_time(OPTIMIZER_BYTES_PER_PARAM * owned)
     step = pipeline + data_parallel + optimizer
 
     memory = memory_breakdown(m, layout)
     total_memory = sum(memory.values())
-    capacity = profile_memory(profile) if profile is not None else cluster.gpu.hbm_gb * 1e9
+    capacity = cluster.gpu.hbm_gb * 1e9
     tokens_per_step = layout.gbs * m.seq_len
     flops_per_token = modelmath.flops_per_token(m)
     tokens_per_s = tokens_per_step / step
@@ -377,9 +413,6 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
                       total_memory / GIB, total_memory <= capacity,
                       {k: v / GIB for k, v in memory.items()}, time_parts)
 
-
-def profile_memory(profile: object) -> float:
-    return float(getattr(profile, "memory_capacity_bytes", 0) or 1e15)
 
 
 # ------------------------------------------------------------------------------------ a whole run

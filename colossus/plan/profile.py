@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,6 +52,24 @@ class MachineProfile:
     memory_bytes_per_s: float  # streaming elementwise bandwidth: c = a + b counts 3 tensors of bytes
     op_overhead_s: float  # one tiny eager op (framework dispatch, on GPU the launch)
     allreduce: list[list[float]]  # rows [processes, bytes, seconds]: float32 all_reduce, gloo / nccl
+    # Training's non-matmul work, forward + backward under autograd (0 in profiles from before they
+    # were measured): element-ops per second of a typical pointwise mix on activation-sized tensors,
+    # and seconds per op on tiny ones (dispatch plus autograd bookkeeping).
+    pointwise_elements_per_s: float = 0.0
+    autograd_op_s: float = 0.0
+    # rows [processes, seconds per unit, seconds per parameter tensor]: what FSDP2 adds to a forward +
+    # backward (collectives on this backend, hooks, copies), measured on small layers: the fixed costs
+    fsdp_unit: list[list[float]] = field(default_factory=list)
+
+    def fsdp_unit_time(self, processes: int, tensors: int) -> float | None:
+        """FSDP2's fixed cost per forward + backward of a unit holding `tensors` parameter tensors,
+        from the nearest measured process count (None when not measured)."""
+        if processes <= 1:
+            return 0.0
+        if not self.fsdp_unit:
+            return None
+        row = min(self.fsdp_unit, key=lambda row: (abs(row[0] - processes), -row[0]))
+        return row[1] + row[2] * tensors
 
     def matmul_flops(self, m: int, n: int, k: int) -> float:
         """Achievable FLOP/s for this shape: trilinear in log m, log n, log k (and log FLOP/s) between
@@ -167,16 +185,66 @@ def measure(threads: int | None = None, sizes: Sequence[int] | None = None, proc
     memory = 3 * _STREAM_NUMEL[device.type] * 4 / seconds[-2]
     overhead = seconds[-1]
     nbytes = (CPU_QUICK_ALLREDUCE_BYTES if quick else CPU_ALLREDUCE_BYTES) if not cuda else GPU_ALLREDUCE_BYTES
-    allreduce = []
+    allreduce, fsdp_unit = [], []
     for world in sorted(set(processes)):
         if world == 1 or (cuda and world > torch.cuda.device_count()):  # NCCL needs a GPU per rank
             continue
-        times = measure_allreduce(world, nbytes, "nccl" if cuda else "gloo", quick)
+        times, unit = measure_allreduce(world, nbytes, "nccl" if cuda else "gloo", quick)
         allreduce += [[world, size, t] for size, t in zip(nbytes, times)]
+        fsdp_unit.append([world, *unit])
     name = torch.cuda.get_device_name(device) if cuda else f"cpu-{used_threads}-threads"
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        pointwise, autograd_op = measure_pointwise(device, dtype if cuda else torch.float32, quick)
+    finally:
+        torch.set_num_threads(before)
     return MachineProfile(name=name, device=device.type, dtype=str(dtype).removeprefix("torch."),
                           threads=used_threads, matmul=matmul, memory_bytes_per_s=memory,
-                          op_overhead_s=overhead, allreduce=allreduce)
+                          op_overhead_s=overhead, allreduce=allreduce, pointwise_elements_per_s=pointwise,
+                          autograd_op_s=autograd_op, fsdp_unit=fsdp_unit)
+
+
+# The pointwise mix of a transformer block: scaling, residual adds, RMSNorm's pieces, RoPE's
+# multiply-adds, soft-capping (tanh), softmax, GELU gating. Each counts as one element-op per element
+# forward; its backward as two (costmodel.pointwise_time uses the same convention).
+POINTWISE_OPS = 9
+
+
+def _pointwise_chain(x: torch.Tensor) -> torch.Tensor:
+    h = x * 0.5 + x  # scale, residual
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)  # RMSNorm: pow, (mean), rsqrt, mul
+    h = torch.tanh(h / 30.0) * 30.0  # soft-cap
+    h = torch.softmax(h, dim=-1)
+    return torch.nn.functional.gelu(h) * h
+
+
+def measure_pointwise(device: torch.device, dtype: torch.dtype, quick: bool) -> tuple[float, float]:
+    """(element-ops per second, seconds per op) of _pointwise_chain forward + backward: on a
+    [4096, 512] activation (throughput) and on a [4, 4] one (per-op dispatch and autograd cost)."""
+    results = []
+    for rows, cols in ((4096, 512), (4, 4)):
+        x = torch.randn(rows, cols, device=device, dtype=dtype, requires_grad=True)
+
+        def step() -> None:
+            _pointwise_chain(x).sum().backward()
+            x.grad = None
+
+        results.append(interleaved_seconds([step], device, 1.0 if quick else 3.0, min_rounds=3,
+                                           sample_s=0.02, burst_s=0.1)[0])
+    big, tiny = results
+    return 3 * POINTWISE_OPS * 4096 * 512 / big, tiny / count_eager_ops(lambda: _pointwise_chain(x).sum().backward())
+
+
+def count_eager_ops(step: Callable[[], object]) -> int:
+    """Top-level aten calls one call of `step` makes (forward and backward): the unit the cost model
+    counts per-op costs in (costmodel.OPS_PER_*_LAYER are counted the same way)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for event in prof.events() if event.name.startswith("aten::")
+               and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
 
 
 def measure_compute(shapes: list[tuple[int, int, int]], device: torch.device, dtype: torch.dtype,
@@ -254,9 +322,10 @@ def _run(call: Callable[[], object], device: torch.device, repeats: int) -> floa
     return (time.perf_counter() - start) / repeats
 
 
-def measure_allreduce(processes: int, sizes: Sequence[int], backend: str, quick: bool) -> list[float]:
+def measure_allreduce(processes: int, sizes: Sequence[int], backend: str, quick: bool) -> tuple[list[float], list[float]]:
     """Typical seconds of a float32 all_reduce of each size in bytes, across `processes` fresh local
-    processes (one thread each; on GPUs one per device); rank 0 writes its timings to a file."""
+    processes (one thread each; on GPUs one per device), and FSDP2's cost per unit per forward +
+    backward there; rank 0 writes the timings to a file."""
     with tempfile.TemporaryDirectory(prefix="colossus-bench-") as folder:
         result = Path(folder) / "allreduce.json"
         # A FileStore rendezvous needs no free port, so parallel benches and test runs cannot collide.
@@ -279,7 +348,8 @@ def measure_allreduce(processes: int, sizes: Sequence[int], backend: str, quick:
                 if worker.poll() is None:  # only after a failure: the survivors would wait for it
                     worker.kill()
                     worker.wait()
-        return json.loads(result.read_text())
+        measured = json.loads(result.read_text())
+        return measured["allreduce"], measured["fsdp_unit_s"]
 
 
 _WORKER = "import json, sys; from colossus.plan.profile import _allreduce_worker; " \
@@ -331,11 +401,49 @@ def _allreduce_worker(rank: int, world: int, backend: str, store: str, sizes: li
                 _sync(device)
                 samples.append(time.perf_counter() - start)
             times.append(typical_seconds(samples))
+        unit = _fsdp_unit_seconds(device, world)
         if rank == 0:
-            Path(result).write_text(json.dumps(times))
+            Path(result).write_text(json.dumps({"allreduce": times, "fsdp_unit_s": list(unit)}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp_unit_seconds(device: torch.device, world: int, units: int = 6) -> tuple[float, float]:
+    """What FSDP2 adds to one forward + backward across `world` ranks, per sharded unit and per
+    parameter tensor in it (its all-gathers and reduce-scatter on this backend, hooks, copy-in and
+    copy-out per tensor): stacks of small units of 1 and of 4 Linear layers (2 and 8 tensors), each
+    timed with and without fully_shard; the two costs per unit give the fixed and per-tensor parts."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    x = torch.randn(64, 128, device=device)
+
+    def seconds(linears_per_unit: int, sharded: bool) -> float:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Sequential(*(torch.nn.Linear(128, 128) for _ in range(linears_per_unit)))
+                                      for _ in range(units))).to(device)
+        if sharded:
+            for unit in model:
+                fully_shard(unit, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            model.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        samples = []
+        for step in range(18):
+            _sync(device)
+            start = time.perf_counter()
+            model(x).sum().backward()
+            _sync(device)
+            if step >= 3:  # warm-up: buffers, connections
+                samples.append(time.perf_counter() - start)
+        return typical_seconds(samples)
+
+    # per unit (the root unit holds no parameters of its own, so units, not units + 1)
+    small = max(seconds(1, True) - seconds(1, False), 0.0) / units
+    large = max(seconds(4, True) - seconds(4, False), 0.0) / units
+    per_tensor = max((large - small) / 6, 0.0)
+    return max(small - 2 * per_tensor, 0.0), per_tensor
 
 
 def _sync(device: torch.device) -> None:
@@ -384,8 +492,9 @@ def _problem(data: object) -> str | None:
     if not isinstance(data, dict):
         return "not a JSON object"
     names = [f.name for f in fields(MachineProfile)]
-    if set(data) != set(names):
-        missing, extra = sorted(set(names) - set(data)), sorted(set(data) - set(names))
+    optional = {"pointwise_elements_per_s", "autograd_op_s", "fsdp_unit"}
+    if not set(names) - optional <= set(data) <= set(names):
+        missing, extra = sorted(set(names) - optional - set(data)), sorted(set(data) - set(names))
         return f"missing {missing}" if missing else f"unknown keys {extra}"
     for key in ("name", "device", "dtype"):
         if not isinstance(data[key], str):
