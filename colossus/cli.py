@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(commands)
     add_simulate_parser(commands)
+    report = commands.add_parser("report", help="write RUN/report.md and report.html with figures, ledger and thresholds",
+                                 description="Write a report of a run folder: loss, validation, throughput and MFU, "
+                                             "expert load, interruptions and restarts, the compute ledger and the "
+                                             "regulatory thresholds (report.md, report.html and PNG figures in the folder).")
+    report.add_argument("run", metavar="RUN", help="a run folder written by `colossus train`")
     launch = commands.add_parser(
         "launch", help="print the torchrun command(s) for a run on N nodes",
         description="Print the exact torchrun command to run on each node (c10d rendezvous on the head node). "
@@ -141,6 +146,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     from colossus.plan.simulate_command import run_simulate as simulate
 
     return simulate(args)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from colossus.account.report import write_report
+
+    markdown, page = write_report(Path(args.run))
+    print(f"wrote {markdown} and {page}")
+    return 0
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -255,7 +268,7 @@ def _human(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "bench": run_bench}
+    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "report": run_report, "bench": run_bench}
     if args.command is None:
         parser.print_help()
         return 0

@@ -84,6 +84,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: bool = False
     threads: int = 0  # CPU threads per process; 0 = all cores divided by local ranks
+    init_from: str = ""  # fine-tune: start from the model weights of this run folder's newest checkpoint
 
 
 @dataclass
@@ -135,6 +136,15 @@ class FaultsConfig:
 
 
 @dataclass
+class LedgerConfig:
+    usd_per_device_hour: float = -1.0  # price of a GPU (or a CPU process) hour; -1 = $2 per GPU, $0.04 per CPU thread
+    device_power_w: float = 0.0  # average draw per device; 0 = the GPU's TDP, or 10 W per CPU thread
+    pue: float = 1.0  # facility overhead on the energy figure
+    thresholds_file: str = ""  # more thresholds (TOML [[threshold]] tables), added to the built-in ones
+    stop_at_threshold: str = ""  # stop (with a checkpoint) before this threshold's compute is exceeded
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +154,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -330,5 +341,10 @@ def validate(config: RunConfig) -> None:
     if f.hang_timeout_s < 0 or f.inject_nan_at_step < 0 or f.inject_nan_count < 1 or f.inject_kill_in_save_at_step < 0:
         raise UserError("faults.hang_timeout_s, faults.inject_nan_at_step and faults.inject_kill_in_save_at_step "
                         "must be >= 0 and faults.inject_nan_count >= 1")
+    ledger = config.ledger
+    if ledger.usd_per_device_hour < 0 and ledger.usd_per_device_hour != -1:
+        raise UserError(f"ledger.usd_per_device_hour must be >= 0 (or -1 for the default), got {ledger.usd_per_device_hour}")
+    if ledger.device_power_w < 0 or ledger.pue < 1:
+        raise UserError("ledger.device_power_w must be >= 0 and ledger.pue >= 1")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")

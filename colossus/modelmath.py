@@ -97,13 +97,15 @@ def exact_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
     return 3.0 * sum(forward_matmul_flops(m, seq_len).values())
 
 
-def hardware_flops_per_token(m: ModelConfig, recompute: str = "none", seq_len: int | None = None) -> float:
+def hardware_flops_per_token(m: ModelConfig, recompute: str = "none", seq_len: int | None = None,
+                             recomputed_layers: float = 1.0) -> float:
     """FLOPs the hardware executes, counting activation recomputation: "full" reruns each block's
-    forward; "selective" reruns only attention's core (Korthikanti et al. 2022, section 5)."""
+    forward (or the fraction `recomputed_layers` of the blocks); "selective" reruns only attention's
+    core (Korthikanti et al. 2022, section 5)."""
     forward = forward_matmul_flops(m, seq_len)
     extra = {
         "none": 0.0,
-        "full": sum(v for k, v in forward.items() if k != "unembedding"),
+        "full": recomputed_layers * sum(v for k, v in forward.items() if k != "unembedding"),
         "selective": forward["attn_scores"] + forward["attn_values"],
     }[recompute]
     return exact_flops_per_token(m, seq_len) + extra

@@ -40,6 +40,14 @@ class Runtime:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp.get_group())
         return total / self.layout.dp
 
+    def sum_over_ranks(self, value: float) -> float:
+        """A host number summed over every rank (the world's total of a per-rank count)."""
+        if self.mesh is None:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)  # the default group: every rank
+        return float(total.item())
+
     def close(self, finished: bool) -> None:
         if dist.is_initialized():
             if finished:

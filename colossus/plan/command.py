@@ -17,6 +17,7 @@ from colossus.models.presets import PRESETS, get_preset
 from colossus.plan.cluster import Cluster, get_cluster, local_cluster
 from colossus.plan.costmodel import Prediction, Software, run_totals
 from colossus.plan.search import SearchResult, parse_layout, search
+from colossus.account.thresholds import evaluate, load_thresholds
 
 EPILOG = """\
 examples:
@@ -120,6 +121,12 @@ def plan(args: argparse.Namespace) -> dict:
         report.update(run_totals(best, cluster, args.tokens, usd))
         report["tokens"] = args.tokens
         report["usd_per_gpu_hour"] = usd
+        # The projected ledger: the run's model FLOPs against the regulatory thresholds, and the day
+        # of training each limit is passed (a plan is a run from scratch: no fine-tuning lineage).
+        total = report["total_model_flops"]
+        report["total_flops"] = total
+        report["thresholds"] = evaluate(load_thresholds(), total, total, report["cost_usd"], finetune=False,
+                                        flops_per_unit=best.tokens_per_s * 86400 * best.model_flops_per_token, unit="day")
     return {"report": report, "result": result, "cluster": cluster, "model": model}
 
 
@@ -167,3 +174,11 @@ def print_plan(report: dict, result: SearchResult, cluster: Cluster, model: Mode
             f"{report['energy_mwh']:,.0f} MWh ({report['facility_power_mw']:.1f} MW facility, PUE {cluster.pue:g}), "
             f"${report['cost_usd'] / 1e6:,.1f}M at ${report['usd_per_gpu_hour']:g}/GPU-hour, "
             f"{report['total_model_flops']:.2e} model FLOPs")
+        for entry in report["thresholds"]:
+            if not entry["applies"]:
+                continue
+            when = (f"crossed on day {entry['crosses_at_day']:.1f}" if entry["crossed"] else
+                    f"not crossed ({report['total_flops'] / entry['limit_flops']:.1%} of it)")
+            cost = f" and ${entry['limit_usd'] / 1e6:,.0f}M" if entry.get("limit_usd") else ""
+            console.print(f"  {entry['name']:>10}: > {entry['limit_flops']:.0e} FLOP{cost} ({entry['status']}): {when}"
+                          + (f"; asks: {entry['asks']}" if entry["crossed"] else ""))

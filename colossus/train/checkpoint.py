@@ -284,3 +284,28 @@ class Checkpointer:
                 + "; restore the files or train into a new --out folder"
             )
         return None
+
+
+def load_model_weights(folder: Path, model: Any) -> int:
+    """Load only the model weights of the newest intact checkpoint in `folder` (another run's
+    RUN/checkpoints) into `model`, for fine-tuning; returns its step. The optimizer, schedule and data
+    position start afresh. A missing, damaged or mismatched checkpoint is a UserError."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    candidates = Checkpointer(folder, keep=1).step_folders()
+    if not candidates:
+        raise UserError(f"train.init_from: no checkpoint in {folder}; point it at a run folder that has checkpoints/step-N")
+    problems = []
+    for step, path in candidates:
+        problem = verify(path)
+        if problem is None:
+            weights = {"train": {"model": get_model_state_dict(model)}}
+            try:
+                dcp.load(weights, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+            except Exception as exc:  # shapes or names that do not match this model
+                raise UserError(f"train.init_from: {path} does not fit this model "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); use the same [model]") from None
+            set_model_state_dict(model, weights["train"]["model"])
+            return step
+        problems.append(problem)
+    raise UserError(f"train.init_from: no intact checkpoint in {folder}: {problems[0]}")

@@ -23,6 +23,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from colossus import modelmath
+from colossus.account.flopcount import counted_flops
+from colossus.account.ledger import CPU_USD_PER_THREAD_HOUR, CPU_WATTS_PER_THREAD, GPU_USD_PER_HOUR, Ledger, Rates, parent_lineage
+from colossus.account.thresholds import load_thresholds
 from colossus.config import RunConfig, TrainConfig, config_to_dict, config_to_toml
 from colossus.data import TokenLoader, prepare_tokens, validation_batches
 from colossus.data.cache import cache_root
@@ -30,11 +33,12 @@ from colossus.errors import UserError
 from colossus.models.grok import Transformer, build_model
 from colossus.parallel.parallelize import clip_grad_norm, parallelize
 from colossus.parallel.runtime import Runtime, setup_runtime
-from colossus.train.checkpoint import Checkpointer, CheckpointWriteError
+from colossus.train.checkpoint import Checkpointer, CheckpointWriteError, load_model_weights
 from colossus.train.guards import HangWatchdog, PreemptionGuard
 from colossus.train.metrics import MetricsLogger
 from colossus.train.optim import build_optimizer, build_scheduler
 from colossus.train.peak import device_peak_flops
+from colossus.plan.hardware import gpu_from_device_name
 
 
 @dataclass
@@ -229,10 +233,25 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
     resumed_from = checkpointer.load_latest({"train": state}, warn=warn)
     progress = state.progress
+    thresholds = load_thresholds(config.ledger.thresholds_file or None)
+    lineage = None
+    if resumed_from is None and tcfg.init_from:  # a fine-tune starts from another run's weights
+        parent = Path(tcfg.init_from)
+        parent_step = load_model_weights(parent / "checkpoints", model)
+        lineage = {**parent_lineage(parent), "step": parent_step}
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.toml", config_to_toml(config))
     logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard, enabled=runtime.is_main)
+    ledger = Ledger.open(out, ledger_rates(config, runtime), thresholds)
+    if lineage is not None and not ledger.segments:
+        ledger.lineage = lineage
+        logger.event("init_from", run=lineage["run"], step=lineage["step"],
+                     parent_cumulative_model_flops=lineage["cumulative_model_flops"])
+        logger.print(f"fine-tuning from {lineage['run']} step {lineage['step']} "
+                     f"({lineage['cumulative_model_flops']:.3g} FLOP before this run)")
+    ledger.start_segment(resumed_from or 0, restart_count())
+    warn_thresholds(ledger, tcfg.steps - progress.step, logger)
     if resumed_from is not None:
         logger.event("resume", step=resumed_from, restart=restart_count())
         logger.print(f"resumed {out} from step {resumed_from}"
@@ -261,7 +280,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     faults = config.faults
     poisoned_left = faults.inject_nan_count if faults.inject_nan_at_step else 0
     consecutive_bad = 0
-    preempted = False
+    preempted = stopped_at_threshold = False
     model.train()
     storage = CheckpointPolicy(checkpointer, {"train": state}, config, logger)
     watchdog = HangWatchdog(faults.hang_timeout_s, on_hang=lambda step, stuck: logger.event("hang", step=step, stuck_s=stuck))
@@ -277,8 +296,24 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 inputs, targets = loader.next_batch()
                 poison = poisoned_left > 0 and progress.step + 1 >= faults.inject_nan_at_step
                 poisoned_left -= int(poison)
-                result = train_step(model, optimizer, scheduler, inputs, targets, tcfg, device, poison)
+                if stop_before_threshold(ledger, config.ledger.stop_at_threshold):
+                    storage.save(progress.step)
+                    storage.finish()
+                    logger.event("threshold_stop", step=progress.step, threshold=config.ledger.stop_at_threshold)
+                    logger.print(f"stopped at step {progress.step}: the next step would exceed threshold "
+                                 f"{config.ledger.stop_at_threshold} (ledger.stop_at_threshold); checkpoint written")
+                    stopped_at_threshold = True
+                    break
+                if ledger.flop_counter_ratio is None and progress.step == 0:
+                    # Cross-check the model math once: count this first step's FLOPs as torch runs them.
+                    result, counted = counted_flops(lambda: train_step(model, optimizer, scheduler, inputs, targets,
+                                                                       tcfg, device, poison))
+                    ledger.flop_counter_ratio = runtime.sum_over_ranks(float(counted)) / (
+                        tokens_per_step * ledger.rates.hardware_flops_per_token)
+                else:
+                    result = train_step(model, optimizer, scheduler, inputs, targets, tcfg, device, poison)
                 progress.step += 1
+                ledger.step(progress.step)
                 progress.tokens += tokens_per_step
                 progress.elapsed_s = elapsed_before + time.perf_counter() - segment_start
                 window_steps += 1
@@ -292,6 +327,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                     if consecutive_bad >= faults.max_bad_steps:
                         storage.finish()
                         restored = rollback(checkpointer, state, position, progress.step, faults.max_bad_steps, logger)
+                        ledger.rollback(progress.step, restored)
                         progress = state.progress
                         consecutive_bad = 0
                         elapsed_before, segment_start = progress.elapsed_s, time.perf_counter()
@@ -322,6 +358,9 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                         load = runtime.dp_mean(result.expert_load)
                         record["expert_load"] = [[round(v, 4) for v in row] for row in load.tolist()]
                     logger.log_step(record, eta_s=(tcfg.steps - progress.step) * step_time)
+                    note_thresholds(ledger, progress.step, logger)
+                    if runtime.is_main:
+                        ledger.save()
                     window_start, window_steps = time.perf_counter(), 0
 
                 paused = False  # validation and saving are not training throughput
@@ -332,6 +371,8 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
 
                 if progress.step % config.checkpoint.interval == 0 or last:
                     storage.save(progress.step)
+                    if runtime.is_main:
+                        ledger.save()
                     paused = True
 
                 if preemption.should_stop():
@@ -349,6 +390,9 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                     window_start, window_steps = time.perf_counter(), 0
                     watchdog.beat(progress.step)
             storage.finish()  # the last checkpoint is complete before the run reports success
+        ledger.finish("preempted" if preempted else "stopped at threshold" if stopped_at_threshold else "finished")
+        if runtime.is_main:
+            ledger.save()
     finally:
         logger.close()
 
@@ -364,6 +408,9 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         "skipped_steps": progress.skipped_steps,
         "checkpoint_failures": storage.failures,
         "preempted": preempted,
+        "stopped_at_threshold": stopped_at_threshold,
+        "ledger": {k: v for k, v in ledger.to_json().items() if k in ("tokens", "model_flops", "hardware_flops",
+                   "flop_counter_ratio", "gpu_hours", "energy_kwh", "cost_usd", "cumulative_model_flops")},
     }
     if config.eval.sample_tokens > 0 and not preempted:
         summary["sample"] = sample_text(model, data.tokenizer, config, device)
@@ -413,6 +460,59 @@ class CheckpointPolicy:
             raise UserError(f"{exc}; {where}; free space or fix {self.checkpointer.folder}, then run the same "
                             "command again (or set checkpoint.on_error=continue to train on)") from None
         self.logger.print(f"warning: {exc}; {where}; training goes on (checkpoint.on_error=continue)")
+
+
+def ledger_rates(config: RunConfig, runtime: Runtime) -> Rates:
+    """What a step and a device-second of this run are worth, for its ledger."""
+    m, t, cfg = config.model, config.train, config.ledger
+    recompute = {"none": "none", "full": "full", "selective": "full"}[config.parallel.activation_checkpoint]
+    fraction = 1.0 if config.parallel.activation_checkpoint != "selective" else \
+        -(-m.n_layers // config.parallel.ac_every) / m.n_layers  # every ac_every-th block is recomputed
+    if runtime.device.type == "cuda":
+        gpu = gpu_from_device_name(torch.cuda.get_device_name(runtime.device))
+        power = cfg.device_power_w or (gpu.tdp_w if gpu else 700.0)
+        price = GPU_USD_PER_HOUR
+    else:
+        power = cfg.device_power_w or CPU_WATTS_PER_THREAD * torch.get_num_threads()
+        price = CPU_USD_PER_THREAD_HOUR * torch.get_num_threads()
+    return Rates(tokens_per_step=t.global_batch * m.seq_len, model_flops_per_token=modelmath.flops_per_token(m),
+                 hardware_flops_per_token=modelmath.hardware_flops_per_token(m, recompute, recomputed_layers=fraction),
+                 devices=runtime.layout.world_size, device_power_w=power,
+                 usd_per_device_hour=price if cfg.usd_per_device_hour < 0 else cfg.usd_per_device_hour, pue=cfg.pue)
+
+
+def warn_thresholds(ledger: Ledger, remaining_steps: int, logger: MetricsLogger) -> None:
+    """Before training: name every threshold this run will cross, the step it crosses it at, and what
+    the text then asks."""
+    for entry in ledger.threshold_report():
+        at = entry.get("crosses_at_step")
+        if entry["applies"] and not entry["crossed"] and at is not None and at <= ledger.segments[-1].step + remaining_steps:
+            logger.print(f"warning: this run crosses {entry['name']} ({entry['title']}, {entry['limit_flops']:.0e} FLOP, "
+                         f"{entry['status']}) at step {at}; it asks: {entry['asks']}")
+            logger.event("threshold_ahead", threshold=entry["name"], step=at)
+
+
+def note_thresholds(ledger: Ledger, step: int, logger: MetricsLogger) -> None:
+    """Record a threshold the first time the ledger shows it crossed."""
+    crossed = {e["name"] for e in ledger.threshold_report() if e["crossed"]}
+    for name in sorted(crossed - ledger.crossed_noted):
+        logger.event("threshold_crossed", threshold=name, step=step)
+        logger.print(f"threshold {name} crossed at step {step} (see ledger.json)")
+    ledger.crossed_noted |= crossed
+
+
+def stop_before_threshold(ledger: Ledger, name: str) -> bool:
+    """True when ledger.stop_at_threshold names a threshold the next step would take the run past."""
+    if not name:
+        return False
+    for threshold in ledger.thresholds:
+        if threshold.name == name:
+            per_step = ledger.rates.tokens_per_step * ledger.rates.model_flops_per_token
+            total = ledger.totals()["model_flops"]
+            counted = ledger.cumulative_model_flops() if threshold.scope == "cumulative" else total
+            return counted + per_step > threshold.limit_flops
+    raise UserError(f"ledger.stop_at_threshold = {name!r} is not a known threshold "
+                    f"({', '.join(t.name for t in ledger.thresholds)})")
 
 
 def loader_position(loader: TokenLoader) -> str:

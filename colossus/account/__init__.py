@@ -1,0 +1,1 @@
+"""Compute accounting: the run ledger, regulatory thresholds and the run report."""
