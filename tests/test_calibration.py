@@ -39,7 +39,7 @@ def test_planner_predicts_this_machines_step_time(tmp_path: Path, corpus_dir: Pa
     model, train, recompute = CASES[case]
     profile = measure(threads=1, quick=True, processes=())  # one thread, as the run below
     tables = {"model": model, "data": {"source": str(corpus_dir), "cache_dir": str(tmp_path / "cache")},
-              "train": {"steps": 10, "lr": 1e-3, "warmup_steps": 1, "threads": 1, **train},
+              "train": {"steps": 20, "lr": 1e-3, "warmup_steps": 1, "threads": 1, **train},
               "parallel": {"activation_checkpoint": recompute},
               "checkpoint": {"interval": 1000, "async_save": False},
               "eval": {"interval": 1000, "batches": 1, "sample_tokens": 0}, "log": {"interval": 1, "tensorboard": False}}
@@ -49,13 +49,14 @@ def test_planner_predicts_this_machines_step_time(tmp_path: Path, corpus_dir: Pa
                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # steps 3-10 (the first ones warm up); the lower quartile, as the profile's timings, skips the
-    # moments another tenant of this machine takes a core
-    measured = float(np.percentile([r["step_time_s"] for r in records if "step_time_s" in r and r["step"] >= 3], 25))
+    # steps 3-20 (the first ones warm up); a low percentile, like the profile's timings, skips the
+    # moments another tenant of this machine takes a core (both sides then describe an unloaded machine)
+    measured = float(np.percentile([r["step_time_s"] for r in records if "step_time_s" in r and r["step"] >= 3], 10))
     m = config_from_dict({"model": model}).model
     layout = Layout(dp=1, mbs=train["micro_batch"], gbs=train["global_batch"], zero=0, recompute=recompute)
     eager = Software(fused_attention=m.attn_softcap == 0, overlap_grad_reduce=False)  # what the CPU trainer runs
     predicted = predict(m, local_cluster(profile, 1), layout, profile, software=eager).step_time_s
+    print(f"{case}: predicted {predicted * 1000:.1f} ms, measured {measured * 1000:.1f} ms ({predicted / measured - 1:+.1%})")
     assert predicted == pytest.approx(measured, rel=0.25), (case, predicted, measured)
 
 
