@@ -180,12 +180,9 @@ def all_gather_time(machine: Machine, nbytes: float, n: int, inside_node: bool) 
 
 
 def all_to_all_time(machine: Machine, nbytes: float, n: int, inside_node: bool) -> float:
-    """All-to-all of nbytes per GPU: (n-1)/n of it leaves each GPU (Rajbhandari et al. 2022, DeepSpeed-MoE, section 5)."""
-    if n <= 1:
-        return 0.0
-    if machine.profile is not None:
-        return machine.profile.allreduce_time(nbytes, n) / 2
-    return (n - 1) / n * nbytes / machine.link_bytes_per_s(inside_node) + _latency(n, inside_node) / 2
+    """All-to-all of nbytes per GPU: (n-1)/n of it leaves each GPU (Rajbhandari et al. 2022, DeepSpeed-MoE,
+    section 5), the same traffic per link as an all-gather of nbytes."""
+    return all_gather_time(machine, nbytes, n, inside_node)
 
 
 @dataclass(frozen=True)
