@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,9 @@ def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
 
     path.write_text(tomli_w.dumps(tables))
     return path
+
+
+def run_colossus(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m colossus ARGS` in a fresh process with this checkout on the path (a real CLI run)."""
+    return subprocess.run([sys.executable, "-m", "colossus", *args], capture_output=True, text=True, timeout=timeout,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from colossus.plan.costmodel import Layout, Machine, all_reduce_time, memory_bre
 from colossus.plan.hardware import GPUS
 from colossus.plan.search import LAYOUT_KEYS, candidates, parse_layout, search
 from colossus.plan.validation import check_all
-from conftest import REPO
+from conftest import run_colossus
 
 GPT_175B = ModelConfig(name="gpt-175b", n_layers=96, d_model=12288, n_heads=96, n_kv_heads=96, head_dim=128,
                        ffn_dim=4 * 12288, ffn_type="gelu", n_experts=1, top_k=1, vocab_size=51200, seq_len=2048,
@@ -142,8 +141,7 @@ def test_cluster_presets_and_files(tmp_path: Path) -> None:
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "colossus", "plan", *args], capture_output=True, text=True,
-                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return run_colossus("plan", *args, timeout=120)
 
 
 def test_grok1_on_colossus_command_line() -> None:

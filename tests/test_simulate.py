@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,11 @@ import pytest
 from colossus.errors import UserError
 from colossus.plan.failures import LLAMA3_CAUSES, FailureModel, load_failure_model
 from colossus.plan.simulate import CheckpointCost, Scenario, best_interval, daly_interval, simulate, young_interval
-from conftest import REPO
+from conftest import run_colossus
 
 
 def run_simulate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "colossus", "simulate", *args], capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})
+    return run_colossus("simulate", *args)
 
 
 def test_failure_model_reproduces_the_llama3_log_by_cause() -> None:
