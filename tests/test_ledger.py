@@ -51,9 +51,10 @@ def test_killed_run_ledger_is_the_uninterrupted_one_plus_lost_work(tmp_path: Pat
     assert subprocess.run([*command, str(tmp_path / "a")], env=env, capture_output=True).returncode == 0
     victim = subprocess.Popen([*command, str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while True:  # until the ledger shows a step past checkpoint 4
+        while True:  # until checkpoint 4 is committed (saves are asynchronous) and the ledger is past it
             path = tmp_path / "b" / "ledger.json"
-            if path.is_file() and ledger_of(tmp_path / "b")["steps"] >= 6:
+            committed = (tmp_path / "b" / "checkpoints" / "step-4" / "COMMITTED").is_file()
+            if committed and path.is_file() and ledger_of(tmp_path / "b")["steps"] >= 6:
                 break
             assert victim.poll() is None, "the run ended before it could be killed"
         victim.send_signal(signal.SIGKILL)
