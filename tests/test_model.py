@@ -18,7 +18,7 @@ from colossus.models.grok import (
     apply_rope,
     build_model,
     rope_tables,
-    softcapped_attention,
+    math_attention,
 )
 from colossus.models.moe import MoE, grouped_matmul
 
@@ -207,28 +207,54 @@ def qkv(batch=2, heads=4, kv_heads=2, seq=8, dim=8, scale=1.0, seed=0):
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_softcapped_attention_equals_sdpa_with_huge_cap(kv_heads):
+def test_math_attention_equals_sdpa_with_huge_cap(kv_heads):
     """With cap -> infinity, cap*tanh(x/cap) -> x, so the result is plain causal GQA attention."""
     q, k, v = qkv(kv_heads=kv_heads)
-    ours = softcapped_attention(q, k, v, cap=1e6)
+    ours = math_attention(q, k, v, softcap=1e6)
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_softcapped_attention_equals_naive_with_small_cap(kv_heads):
+def test_math_attention_equals_naive_with_small_cap(kv_heads):
     """With cap = 1 the soft-cap matters (large logits) and the result matches a per-head loop."""
     q, k, v = qkv(kv_heads=kv_heads, scale=3.0)
-    ours = softcapped_attention(q, k, v, cap=1.0)
+    ours = math_attention(q, k, v, softcap=1.0)
     torch.testing.assert_close(ours, naive_attention(q, k, v, 1.0), rtol=1e-5, atol=1e-5)
     # the cap is not a no-op at this scale
     assert (naive_attention(q, k, v, None) - ours).abs().amax() > 0.05
 
 
-def test_softcapped_attention_first_position_copies_value():
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_math_attention_without_cap_equals_sdpa(kv_heads):
+    """softcap = 0 is plain causal attention: the written-out reference that SDPA replaces."""
+    q, k, v = qkv(kv_heads=kv_heads, scale=2.0)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(math_attention(q, k, v), sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(math_attention(q, k, v), naive_attention(q, k, v, None), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_model_matches_fused_model():
+    """build_model(fused_attention=False) is the same function as the fused model: loss and gradients agree."""
+    c = cfg(attn_softcap=0.0, embedding_multiplier=1.0, output_multiplier=1.0)
+    tokens = torch.randint(0, c.vocab_size, (2, c.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for fused in (True, False):
+        model = build_model(c, seed=3, fused_attention=fused)
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(model.layers[0].attention.wq.weight.grad)
+    assert model.layers[0].attention.fused is False
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().amax() > 0
+
+
+def test_math_attention_first_position_copies_value():
     """The first query can only attend to the first key, so its output is v[0] of its kv head."""
     q, k, v = qkv(heads=4, kv_heads=2)
-    out = softcapped_attention(q, k, v, cap=5.0)
+    out = math_attention(q, k, v, softcap=5.0)
     torch.testing.assert_close(out[:, 0, 0], v[:, 0, 0])
     torch.testing.assert_close(out[:, 1, 0], v[:, 0, 0])
     torch.testing.assert_close(out[:, 2, 0], v[:, 1, 0])

@@ -35,27 +35,30 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * base^(-2i/head_dim), [seq_len, head_dim], in the rotate-half layout
-    (the two halves of the head dim form the rotated pairs, as in Grok-1 and Llama)."""
+    """cos and signed sin of position * base^(-2i/head_dim), [seq_len, head_dim], in the rotate-half
+    layout (the two halves of the head dim form the rotated pairs, as in Grok-1 and Llama). The sin
+    table's first half is negated so that apply_rope needs no negation of its own."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [batch, heads, seq, head_dim] by position."""
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [batch, heads, seq, head_dim] by position: x cos + (-x2, x1) sin, written as
+    x cos + (x2, x1) signed_sin (exactly the same products, one tensor op fewer)."""
+    x32 = x.float()
+    swapped = x32.roll(x.shape[-1] // 2, dims=-1)
+    return (x32 * cos + swapped * signed_sin).type_as(x)
 
 
 class Attention(nn.Module):
     """Causal grouped-query attention: n_heads queries share n_kv_heads keys and values."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.fused = fused  # scaled_dot_product_attention where the soft-cap allows; False: the math reference
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -69,21 +72,27 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cfg.attn_softcap > 0:
-            out = softcapped_attention(q, k, v, cfg.attn_softcap)
+        if cfg.attn_softcap > 0 or not self.fused:
+            out = math_attention(q, k, v, cfg.attn_softcap)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float) -> torch.Tensor:
-    """Grok-1 attention core: fp32 logits / sqrt(head_dim), soft-capped to cap*tanh(x/cap), causal.
-    Both scales are applied to q, the small operand, rather than to the seq x seq logits."""
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
+    """Causal attention written out: fp32 logits / sqrt(head_dim), soft-capped to c*tanh(x/c) when
+    softcap = c > 0 (Grok-1's core), masked, softmaxed, applied to v. It is the core wherever the
+    soft-cap is on and, with softcap = 0, the plain reference that scaled_dot_product_attention is
+    measured against (bench/throughput.py). Scales are applied to q, the small operand, rather than
+    to the seq x seq logits."""
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
     # Group the query heads that share a key/value head, so k and v are broadcast, not copied.
-    q = q.float().reshape(batch, kv_heads, heads // kv_heads * seq, head_dim) / (math.sqrt(head_dim) * cap)
-    logits = cap * torch.tanh(q @ k.float().transpose(-2, -1))
+    q = q.float().reshape(batch, kv_heads, heads // kv_heads * seq, head_dim)
+    if softcap > 0:
+        logits = softcap * torch.tanh((q / (math.sqrt(head_dim) * softcap)) @ k.float().transpose(-2, -1))
+    else:
+        logits = (q / math.sqrt(head_dim)) @ k.float().transpose(-2, -1)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
     logits = logits.view(batch, kv_heads, -1, seq, seq).masked_fill(~causal, float("-inf"))
     probs = logits.softmax(dim=-1).view(batch, kv_heads, -1, seq).to(v.dtype)
@@ -111,11 +120,11 @@ class Block(nn.Module):
     """One transformer layer. "sandwich" (Grok-1): h += norm(attn(norm(h))); h += norm(ffn(norm(h))).
     "pre" (Llama, GPT): h += attn(norm(h)); h += ffn(norm(h))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused_attention: bool = True):
         super().__init__()
         sandwich = cfg.norm == "sandwich"
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, fused_attention)
         self.post_attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if sandwich else nn.Identity()
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe else FeedForward(cfg)
@@ -130,6 +139,11 @@ class Block(nn.Module):
         return h + self.post_ffn_norm(ffn_out), stats
 
 
+def scaled(x: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """x * multiplier, skipping the pass over x (and its backward) when the multiplier is 1."""
+    return x if multiplier == 1.0 else x * multiplier
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # [batch, seq, vocab]; None when only the loss was asked for
@@ -141,11 +155,11 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fused_attention: bool = True):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, fused_attention) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         counted = sum(p.numel() for p in self.parameters())
@@ -172,7 +186,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         seq = tokens.shape[1]
         cos, sin = rope_tables(seq, cfg.head_dim, cfg.rope_base, tokens.device)
-        h = self.embedding(tokens) * cfg.embedding_multiplier
+        h = scaled(self.embedding(tokens), cfg.embedding_multiplier)
         stats = []
         for layer in self.layers:
             h, layer_stats = layer(h, cos, sin)
@@ -180,7 +194,7 @@ class Transformer(nn.Module):
                 stats.append(layer_stats)
         h = self.norm(h)
         weight = self.embedding.weight if self.output is None else self.output.weight
-        logits = F.linear(h, weight) * cfg.output_multiplier
+        logits = scaled(F.linear(h, weight), cfg.output_multiplier)
 
         aux = z = load = None
         if stats:
@@ -210,10 +224,12 @@ class Transformer(nn.Module):
         return tokens
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> Transformer:
-    """Build on `device`; on "meta" nothing is allocated (for planning and for sharded initialisation)."""
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0,
+                fused_attention: bool = True) -> Transformer:
+    """Build on `device`; on "meta" nothing is allocated (for planning and for sharded initialisation).
+    fused_attention=False runs the written-out math_attention everywhere (a reference for benchmarks)."""
     with torch.device(device):
-        model = Transformer(cfg)
+        model = Transformer(cfg, fused_attention)
     if torch.device(device).type != "meta":
         model.init_weights(seed)
     return model
