@@ -97,7 +97,8 @@ class StepResult:
     aux_loss: torch.Tensor | None
     z_loss: torch.Tensor | None
     expert_load: torch.Tensor | None  # [n_layers, n_experts]
-    skipped: bool = False  # the gradient was not finite: no update was applied
+    skipped: torch.Tensor | bool = False  # the gradient was not finite: no update was applied (a 0-d bool
+    # tensor, so that reading it, the only host sync of a step, is the caller's choice)
 
 
 def set_threads(cfg: TrainConfig) -> None:
@@ -130,15 +131,20 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: 
             z_sum = out.z_loss.detach() if z_sum is None else z_sum + out.z_loss.detach()
             load_sum = out.expert_load if load_sum is None else load_sum + out.expert_load
     grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
-    # The one host sync of every step: the norm is global (the same on every rank), so all ranks agree.
-    finite = bool(torch.isfinite(grad_norm))
-    if finite:
+    # The norm is global (the same on every rank), so all ranks agree on skipping a non-finite step.
+    not_finite = ~torch.isfinite(grad_norm)
+    if optimizer.defaults.get("fused"):
+        # The fused kernel reads the flag where it lies and leaves weights, moments and step count
+        # untouched when it is set (as under GradScaler): no host sync on the step's path.
+        optimizer.found_inf = not_finite.float()
+        optimizer.step()
+    elif not bool(not_finite):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     mean = (lambda t: None if t is None else t / n_micro)
     loss_mean = loss_sum / n_micro if not poison else torch.tensor(float("nan"))
-    return StepResult(loss_mean, grad_norm, mean(aux_sum), mean(z_sum), mean(load_sum), skipped=not finite)
+    return StepResult(loss_mean, grad_norm, mean(aux_sum), mean(z_sum), mean(load_sum), skipped=not_finite)
 
 
 @torch.no_grad()
@@ -320,7 +326,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 watchdog.beat(progress.step)
                 last = progress.step == tcfg.steps
 
-                if result.skipped:
+                if bool(result.skipped):  # a step's one host sync: the NaN guard decides before the next step
                     progress.skipped_steps += 1
                     consecutive_bad += 1
                     logger.event("skipped_step", step=progress.step, grad_norm=float(result.grad_norm), batch=position)
