@@ -119,18 +119,26 @@ def hardware_flops_per_token(m: ModelConfig, recompute: str = "none", seq_len: i
 WEIGHT_BYTES = 2
 GRAD_BYTES = 4
 OPTIMIZER_BYTES = 12
+# Plain fp32 training (CPUs): the weights are their own master copy, so 4 + 4 + 8 (momentum, variance).
+STATE_BYTES = {"bf16": (WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES), "fp8": (WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES),
+               "fp32": (4, 4, 8)}
+# Bytes of each stored activation element (FP8 recipes keep activations for the backward in bf16).
+ACTIVATION_ELEMENT_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}
 
 
-def state_bytes_per_param(zero: int, dp: int) -> float:
+def state_bytes_per_param(zero: int, dp: int, precision: str = "bf16") -> float:
     """Weights + gradients + optimizer state held per parameter on one GPU under ZeRO stage `zero`
     over `dp` data-parallel ranks (ZeRO, Figure 1: stage 1 shards optimizer state, 2 also gradients,
     3 also weights)."""
-    weights = WEIGHT_BYTES / (dp if zero >= 3 else 1)
-    grads = GRAD_BYTES / (dp if zero >= 2 else 1)
-    return weights + grads + OPTIMIZER_BYTES / (dp if zero >= 1 else 1)
+    weight_bytes, grad_bytes, optimizer_bytes = STATE_BYTES[precision]
+    weights = weight_bytes / (dp if zero >= 3 else 1)
+    grads = grad_bytes / (dp if zero >= 2 else 1)
+    return weights + grads + optimizer_bytes / (dp if zero >= 1 else 1)
 
 
-def activation_bytes_per_token(m: ModelConfig, recompute: str = "none") -> float:
+def activation_bytes_per_token(m: ModelConfig, recompute: str = "none", element_bytes: int = 2,
+                               fused_elementwise: bool = True, fused_attention: bool = True,
+                               seq_len: int | None = None) -> float:
     """Activation bytes one layer keeps per token for the backward pass (bf16, no dropout, fused
     attention that stores no T x T scores). Korthikanti et al. 2022, section 4.1 (eq. 2 is
     34 s b h + 5 a s^2 b for GPT: the 5 a s^2 b score terms vanish with fused attention and the dropout
@@ -138,16 +146,33 @@ def activation_bytes_per_token(m: ModelConfig, recompute: str = "none") -> float
     and sandwich norms. Divide by the tensor (with sequence parallelism) and context parallel sizes.
       none:      everything below;
       selective: the same with fused attention (its recomputation only skips the score matrices);
-      full:      only each layer's input (2 d), recomputing the rest (Korthikanti, Table 2)."""
+      full:      only each layer's input (2 d), recomputing the rest (Korthikanti, Table 2).
+    element_bytes scales the bf16 figures (4 for fp32 training). fused_elementwise=False is eager
+    PyTorch, whose autograd also keeps each RMSNorm's normalised input, SDPA's output next to its
+    head-merged copy, a GLU's activation output next to the product and each expert's output
+    (measured on CPU, fp32: tests/test_memory.py). fused_attention=False (written-out attention, as
+    with Grok-1's soft-cap in eager mode) also keeps T x T score matrices."""
+    scale = element_bytes / 2
     if recompute == "full":
-        return 2.0 * m.d_model
+        return 2.0 * m.d_model * scale
     d, q = m.d_model, m.head_dim
     attention = 2 * d + 2 * m.n_heads * q + 4 * m.n_kv_heads * q + 2 * m.n_heads * q  # input, Q, K, V, output-proj input
     gated = m.ffn_type in ("geglu", "swiglu")
     one_ffn = 2 * d + (6 if gated else 4) * m.ffn_dim  # input, (gate, up,) activation output
     ffn = min(m.top_k, m.n_experts) * one_ffn + (2 * d + 4 * m.n_experts if m.is_moe else 0)  # routed copies + router
-    norms = (4 if m.norm == "sandwich" else 2) * 2 * d
-    return float(attention + ffn + norms)
+    n_norms = 4 if m.norm == "sandwich" else 2
+    norms = n_norms * 2 * d
+    if not fused_elementwise:
+        routed = min(m.top_k, m.n_experts)
+        norms += n_norms * 2 * d
+        attention += 2 * m.n_heads * q
+        ffn += routed * 2 * m.ffn_dim if gated else 0
+        ffn += routed * 2 * d if m.is_moe else 0  # each expert's output, kept for the gate's product
+    if not fused_attention and recompute == "none":
+        # Scores written out: the soft-capped (or scaled) logits and the softmax output, per head and
+        # key (Korthikanti's 5 a s^2 b less the dropout mask); selective recomputation drops them.
+        attention += 2 * 2 * m.n_heads * (seq_len or m.seq_len)
+    return float(attention + ffn + norms) * scale
 
 
 def parameter_tensors_per_layer(m: ModelConfig) -> int:

@@ -113,6 +113,12 @@ class Software:
 
     fused_attention: bool = True  # no T x T score matrix in memory (Dao et al. 2022, FlashAttention)
     overlap_grad_reduce: bool = True  # gradient reduction (and FSDP's gathers) during compute (Li et al. 2020)
+    # Norms, activations and the loss as fused kernels that keep only their inputs (Korthikanti et al.
+    # 2022); False is eager PyTorch (modelmath.activation_bytes_per_token says what more it keeps).
+    fused_elementwise: bool = True
+    # A gradient buffer that lives through the whole step (Megatron-LM); False: gradients are created by
+    # the backward and freed by zero_grad(set_to_none=True), as in plain PyTorch and FSDP2.
+    persistent_grads: bool = True
 
 
 # Passes over the T x T attention scores when attention is not fused: the scores GEMM writes them,
@@ -281,30 +287,45 @@ _FSDP_PROBE_BYTES = (128 * 128 + 128) * 4
 RESERVED_GIB = 3.0
 
 
-def memory_breakdown(m: ModelConfig, layout: Layout) -> dict[str, float]:
-    """Bytes per GPU of the most loaded (first) pipeline stage."""
+def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Software()) -> dict[str, float]:
+    """Bytes per GPU of the most loaded (first) pipeline stage, at its peak: the start of the backward."""
     dense, expert = stage_params(m, layout)
     replicas = layout.dp * layout.cp  # ranks holding the same dense shard
     expert_replicas = max(replicas // layout.ep, 1)
-    weights = (dense / (replicas if layout.zero >= 3 else 1) + expert / (expert_replicas if layout.zero >= 3 else 1)) * modelmath.WEIGHT_BYTES
-    grads = (dense / (replicas if layout.zero >= 2 else 1) + expert / (expert_replicas if layout.zero >= 2 else 1)) * modelmath.GRAD_BYTES
-    optimizer = (dense / (replicas if layout.zero >= 1 else 1) + expert / (expert_replicas if layout.zero >= 1 else 1)) * modelmath.OPTIMIZER_BYTES
+    weight_bytes, grad_bytes, optimizer_bytes = modelmath.STATE_BYTES[layout.precision]
+    element_bytes = modelmath.ACTIVATION_ELEMENT_BYTES[layout.precision]
+    held = lambda stage: dense / (replicas if layout.zero >= stage else 1) + expert / (expert_replicas if layout.zero >= stage else 1)  # noqa: E731
+    weights, grads, optimizer = held(3) * weight_bytes, held(2) * grad_bytes, held(1) * optimizer_bytes
     tokens = layout.mbs * m.seq_len / layout.cp
     layers = math.ceil(m.n_layers / layout.pp)
-    per_layer = modelmath.activation_bytes_per_token(m, layout.recompute) * tokens / layout.tp
+    stored = lambda recompute: modelmath.activation_bytes_per_token(  # noqa: E731
+        m, recompute, element_bytes, software.fused_elementwise, software.fused_attention) * tokens / layout.tp
     # 1F1B keeps pp micro-batches in flight on the first stage; interleaving adds (pp-1)/(pp*vpp)
     # (Korthikanti et al. 2022, section 4.2.3).
     in_flight = min(layout.pp, layout.micro_batches)
     if layout.vpp > 1:
         in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.vpp)
-    activations = per_layer * layers * in_flight
+    activations = stored(layout.recompute) * layers * in_flight
     if layout.recompute != "none":  # one layer's activations live again while it is recomputed
-        activations += modelmath.activation_bytes_per_token(m) * tokens / layout.tp
-    logits = (4 * m.vocab_size * tokens / layout.tp) if layout.pp == 1 else 0.0  # fp32 logits of the loss
+        activations += stored("none")
+    # fp32 logits of the loss; eager PyTorch holds four copies as the backward starts (the logits,
+    # log-softmax's output, and the gradients of both).
+    logit_copies = 1 if software.fused_elementwise else 4
+    logits = (logit_copies * 4 * m.vocab_size * tokens / layout.tp) if layout.pp == 1 else 0.0
+    if not software.persistent_grads:
+        # Gradients appear as the backward frees activations: the peak is either where it starts
+        # (all activations and the logits) or where it ends (all gradients and the first layer's
+        # activations); "gradients" is what the second adds over the first.
+        grads = max(0.0, grads + stored("none") - activations - logits)
+    if not software.fused_elementwise:
+        # Eager PyTorch's backward working set: the gradients of one layer's widest intermediates (the
+        # FFN's gate, up and product, or input and activation), alive while the backward passes it.
+        widest = (3 if m.ffn_type in ("geglu", "swiglu") else 2) * min(m.top_k, m.n_experts) * m.ffn_dim
+        activations += widest * element_bytes * tokens / layout.tp
     unsharded = 0.0
     if layout.zero >= 3:  # FSDP gathers a layer ahead: two layers' bf16 weights at once
         layer = modelmath.layer_params(m) / layout.tp
-        unsharded = 2 * layer * modelmath.WEIGHT_BYTES / (layout.ep if m.is_moe else 1)
+        unsharded = 2 * layer * weight_bytes / (layout.ep if m.is_moe else 1)
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations + logits,
             "buffers": unsharded, "reserved": RESERVED_GIB * GIB}
 
@@ -389,7 +410,7 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     optimizer = machine.memory_time(OPTIMIZER_BYTES_PER_PARAM * owned)
     step = pipeline + data_parallel + optimizer
 
-    memory = memory_breakdown(m, layout)
+    memory = memory_breakdown(m, layout, software)
     total_memory = sum(memory.values())
     capacity = cluster.gpu.hbm_gb * 1e9
     tokens_per_step = layout.gbs * m.seq_len
