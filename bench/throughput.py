@@ -1,13 +1,21 @@
-"""Trainer throughput side by side: our eager reference and our optimised step, per model shape, with
-CPU MFU against a GEMM peak measured in the same run (and, with --peer, torchtitan's own trainer).
+"""Trainer throughput side by side: a plain eager reference of our model, each optimisation added in
+turn, with CPU MFU against a GEMM peak measured in the same run (and, with --peer, torchtitan's own
+trainer on the same machine).
 
-usage: python bench/throughput.py [--shapes nanogpt,titan,tiny,dense100m] [--steps N] [--threads T] [--peer] [--json]
+usage: python bench/throughput.py [--shapes nanogpt,titan,tiny,dense100m] [--modes reference,sdpa,eager,compiled]
+                                  [--steps N] [--threads T] [--ac none|full] [--peer] [--json]
 
 Each (shape, mode) runs in a fresh process: the real training step of colossus.train.trainer
-(train_step: forward, backward, clipping, AdamW, schedule) on random tokens, 3 warm-up steps (compile
-happens there), then the median of N timed steps; peak memory is the process's maximum RSS.
-Modes: "eager" (no compile: the plain reference) and "compiled" (train.compile: each block through
-torch.compile's inductor). MFU counts model FLOPs (6 N_active + 12 L H Q T, colossus.modelmath).
+(train_step: forward, backward, clipping, AdamW, schedule) on random tokens, warm-up steps (compile
+happens there), then the median of N timed steps. Modes, each adding one optimisation to the last:
+  reference  written-out attention (math_attention: scores, mask, softmax), per-tensor AdamW loop
+  sdpa       + scaled_dot_product_attention (fused flash kernel) where the soft-cap is off
+  eager      + fused AdamW: our default step (train.compile = false)
+  compiled   + torch.compile of each block (inductor, C++ on CPU): train.compile = true
+MFU counts model FLOPs (6 N + 12 L H Q T, colossus.modelmath). Peak memory is the process's peak RSS
+above what it held before the model was built, with glibc returning every freed block of 64 KiB or
+more to the system (MALLOC_MMAP_THRESHOLD_), so that RSS follows the live tensors; the planner's
+memory model is held to it by tests/test_memory.py.
 Reference figures of the peers on this machine (issue 8): nanoGPT at its shape 3,700 tokens/s;
 torchtitan's debug model 1,717 tokens/s without activation checkpointing.
 """
@@ -15,7 +23,9 @@ torchtitan's debug model 1,717 tokens/s without activation checkpointing.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -43,7 +53,12 @@ BATCH = 8
 PEER_TOKENS_PER_S = {"nanogpt": 3700.0, "titan": 1717.0}  # measured on this machine (issue 8)
 
 
-def worker(shape: str, mode: str, steps: int, threads: int) -> dict:
+MODES = ("reference", "sdpa", "eager", "compiled")
+
+
+def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none", batch: int = BATCH) -> dict:
+    """Build the shape's model as `mode` says, run warmup + steps real training steps on random tokens,
+    and return the median timing of the last `steps`."""
     import torch
 
     from colossus import modelmath
@@ -54,33 +69,77 @@ def worker(shape: str, mode: str, steps: int, threads: int) -> dict:
     from colossus.train.optim import build_optimizer, build_scheduler
     from colossus.train.trainer import train_step
 
-    torch.set_num_threads(threads)
     model_cfg = config_from_dict({"model": SHAPES[shape]}).model
-    tcfg = TrainConfig(steps=steps + 3, global_batch=BATCH, micro_batch=BATCH, compile=mode == "compiled",
+    tcfg = TrainConfig(steps=steps + warmup, global_batch=batch, micro_batch=batch, compile=mode == "compiled",
                        warmup_steps=1)
+    pcfg = ParallelConfig(activation_checkpoint=ac)
     device = torch.device("cpu")
-    model = build_model(model_cfg, device, seed=0)
-    parallelize(model, resolve_layout(ParallelConfig(), 1), None, ParallelConfig(), tcfg, device)
-    optimizer = build_optimizer(model, tcfg, device)
+    model = build_model(model_cfg, device, seed=0, fused_attention=mode != "reference")
+    parallelize(model, resolve_layout(pcfg, 1), None, pcfg, tcfg, device)
+    optimizer = build_optimizer(model, tcfg, device, fused=mode in ("eager", "compiled"))
     scheduler = build_scheduler(optimizer, tcfg)
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model_cfg.vocab_size, (steps + 3, BATCH, model_cfg.seq_len + 1), generator=generator)
+    tokens = torch.randint(0, model_cfg.vocab_size, (steps + warmup, batch, model_cfg.seq_len + 1), generator=generator)
     times = []
     started = time.perf_counter()
-    for step in range(steps + 3):
+    warm_s = 0.0
+    for step in range(steps + warmup):
         begin = time.perf_counter()
         result = train_step(model, optimizer, scheduler, tokens[step, :, :-1], tokens[step, :, 1:], tcfg, device)
         float(result.loss)  # the step is done (CPU ops are synchronous; this only reads the value)
-        if step >= 3:
+        if step >= warmup:
             times.append(time.perf_counter() - begin)
         else:
             warm_s = time.perf_counter() - started
     step_s = statistics.median(times)
-    tokens_per_s = BATCH * model_cfg.seq_len / step_s
-    return {"shape": shape, "mode": mode, "params": modelmath.params_total(model_cfg),
+    return {"shape": shape, "mode": mode, "ac": ac, "batch": batch, "params": modelmath.params_total(model_cfg),
             "params_active": modelmath.params_active(model_cfg), "flops_per_token": modelmath.flops_per_token(model_cfg),
-            "step_s": step_s, "tokens_per_s": tokens_per_s, "warmup_s": warm_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "step_s": step_s, "tokens_per_s": batch * model_cfg.seq_len / step_s, "warmup_s": warm_s}
+
+
+def peak_memory(shape: str, mode: str, ac: str = "none", batch: int = BATCH) -> dict:
+    """Peak resident bytes of a second training step (the first has no optimizer state yet) above what
+    the process held before the model was built. Needs MALLOC_MMAP_THRESHOLD_ in the environment
+    (see run_memory), and Linux's /proc/self/clear_refs to restart the high-water mark."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset VmHWM to the current RSS
+    before = resident_bytes("VmRSS")
+    row = train_steps(shape, mode, steps=1, warmup=1, ac=ac, batch=batch)
+    row["peak_bytes"] = resident_bytes("VmHWM") - before
+    return row
+
+
+def resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_python(args: list[str], env: dict | None = None) -> list[dict]:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def run_timing(shape: str, mode: str, steps: int, threads: int, warmup: int = 3) -> dict:
+    """One timing in a fresh Python process, so that compile caches and allocator state do not leak
+    from one measurement into the next; raises RuntimeError with its stderr if it fails."""
+    return run_python(["--worker", shape, mode, "--steps", str(steps), "--warmup", str(warmup),
+                       "--threads", str(threads)])[0]
+
+
+def run_memory(cases: list[tuple[str, str, str]], threads: int = 2, batch: int = BATCH) -> list[dict]:
+    """Peak memory of (shape, mode, activation checkpointing) cases, one after another in one fresh
+    process. glibc returns every freed block of 64 KiB or more to the system there, so that RSS follows
+    the live tensors (it slows the steps: timings come from run_timing)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    spec = ",".join("/".join(case) for case in cases)
+    return run_python(["--memory-worker", spec, "--threads", str(threads), "--batch", str(batch)], env)
 
 
 def gemm_peak(threads: int) -> float:
@@ -114,55 +173,98 @@ def run_peer(steps: int) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--ac", default="none,full", help="activation checkpointing modes whose peak memory to measure "
+                        "(eager step; none and/or full)")
     parser.add_argument("--peer", action="store_true", help="also run torchtitan's trainer (installs it from PyPI once)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", metavar="SHAPE/MODE/AC,...", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.threads)))
+    if args.worker or args.memory_worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.worker:
+            print(json.dumps(train_steps(*args.worker, args.steps, args.warmup, batch=args.batch)))
+        cases = [case.split("/") for case in args.memory_worker.split(",")] if args.memory_worker else []
+        if cases:
+            # One unmeasured step first: the first step of a process also allocates its thread pools and
+            # the math libraries' buffers (~90 MiB here), which are the process's, not the model's.
+            train_steps(cases[0][0], cases[0][1], steps=1, warmup=0, batch=args.batch)
+        for case in cases:
+            print(json.dumps(peak_memory(*case, batch=args.batch)), flush=True)
         return 0
 
     shapes = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
+    modes = [m for m in args.modes.split(",") if m]
+    ac_modes = [a for a in args.ac.split(",") if a]
+    for value, known, what in ((shapes, SHAPES, "shape"), (modes, MODES, "mode"), (ac_modes, ("none", "full"), "ac")):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
     peak_before = gemm_peak(args.threads)
     rows = []
     for shape in shapes:
-        for mode in args.modes.split(","):
-            out = subprocess.run([sys.executable, __file__, "--worker", shape, mode, "--steps", str(args.steps),
-                                  "--threads", str(args.threads)], capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{shape}/{mode} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for mode in modes:
+            try:
+                rows.append(run_timing(shape, mode, args.steps, args.threads, args.warmup))
+            except RuntimeError as failure:
+                print(failure, file=sys.stderr)
     peak = max(peak_before, gemm_peak(args.threads))  # the machine's best, before and after
+    memory = run_memory([(shape, "eager", ac) for shape in shapes for ac in ac_modes], args.threads) if ac_modes else []
     peer = run_peer(25) if args.peer else None
     for row in rows:
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
-        eager = next((r for r in rows if r["shape"] == row["shape"] and r["mode"] == "eager"), None)
-        row["vs_eager"] = row["tokens_per_s"] / eager["tokens_per_s"] if eager else None
+        same_shape = [r for r in rows if r["shape"] == row["shape"]]
+        first, before = same_shape[0], same_shape[max(same_shape.index(row) - 1, 0)]
+        row["vs_reference"] = row["tokens_per_s"] / first["tokens_per_s"] if first["mode"] == "reference" else None
+        row["vs_previous"] = row["tokens_per_s"] / before["tokens_per_s"]
         reference = peer if (peer and row["shape"] == "titan") else PEER_TOKENS_PER_S.get(row["shape"])
         row["vs_peer"] = row["tokens_per_s"] / reference if reference else None
-    result = {"gemm_peak_gflops": peak / 1e9, "threads": args.threads, "batch": BATCH, "rows": rows,
+    for row in memory:
+        row["predicted_bytes"] = predicted_peak_bytes(row["shape"], row["ac"], row["batch"])
+    result = {"gemm_peak_gflops": peak / 1e9, "threads": args.threads, "batch": BATCH, "rows": rows, "memory": memory,
               "torchtitan_measured_tokens_per_s": peer}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
+    ratio = lambda value: f"{value:7.2f}x" if value else f"{'-':>8}"  # noqa: E731
     print(f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s ({args.threads} threads), batch {BATCH}, median of {args.steps} steps")
-    print(f"{'shape':10} {'mode':9} {'params':>8} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'vs eager':>8} "
-          f"{'vs peer':>8} {'peak MiB':>8} {'warm-up s':>9}")
+    print(f"{'shape':10} {'mode':9} {'params':>8} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'vs ref':>8} "
+          f"{'vs prev':>8} {'vs peer':>8} {'warm-up s':>9}")
     for r in rows:
         print(f"{r['shape']:10} {r['mode']:9} {r['params'] / 1e6:7.1f}M {r['tokens_per_s']:9,.0f} {r['step_s'] * 1e3:8.1f} "
-              f"{r['mfu']:6.1%} {(r['vs_eager'] or 0):7.2f}x {(r['vs_peer'] or 0):7.2f}x {r['peak_rss_mib']:8.0f} "
+              f"{r['mfu']:6.1%} {ratio(r['vs_reference'])} {ratio(r['vs_previous'])} {ratio(r['vs_peer'])} "
               f"{r['warmup_s']:9.1f}")
     print("peers: nanoGPT 3,700 tokens/s at its shape, torchtitan "
           + (f"{peer:,.0f} (measured now)" if peer else "1,717 (issue 8's measurement)") + " tokens/s")
+    if memory:
+        print(f"\npeak memory of an eager step above the process's start, vs the planner's memory model")
+        print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12} {'planner MiB':>11} {'error':>7}")
+        for r in memory:
+            print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f} {r['predicted_bytes'] / 2**20:11.0f} "
+                  f"{r['predicted_bytes'] / r['peak_bytes'] - 1:+7.1%}")
     print("reproduce: python bench/throughput.py" + (" --peer" if args.peer else ""))
     return 0
+
+
+def predicted_peak_bytes(shape: str, recompute: str, batch: int = BATCH) -> float:
+    """The planner's peak for one CPU process training the shape in fp32 with eager PyTorch: SDPA where the
+    soft-cap is off, norms and activations unfused, gradients freed by zero_grad. "reserved" (the CUDA
+    context) has no CPU counterpart."""
+    from colossus.config import config_from_dict
+    from colossus.plan.costmodel import Layout, Software, memory_breakdown
+
+    model = config_from_dict({"model": SHAPES[shape]}).model
+    layout = Layout(mbs=batch, gbs=batch, precision="fp32", recompute=recompute)
+    software = Software(fused_attention=model.attn_softcap == 0, fused_elementwise=False, persistent_grads=False)
+    breakdown = memory_breakdown(model, layout, software)
+    return sum(breakdown.values()) - breakdown["reserved"]
 
 
 if __name__ == "__main__":
