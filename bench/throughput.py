@@ -12,7 +12,9 @@ happens there), then the median of N timed steps. Modes, each adding one optimis
   sdpa       + scaled_dot_product_attention (fused flash kernel) where the soft-cap is off
   eager      + fused AdamW: our default step (train.compile = false)
   compiled   + torch.compile of each block (inductor, C++ on CPU): train.compile = true
-MFU counts model FLOPs (6 N + 12 L H Q T, colossus.modelmath). Peak memory is the process's peak RSS
+MFU counts the model's matmul FLOPs (modelmath.exact_flops_per_token: 3x the forward's matmuls,
+attention's full T x T as PaLM counts it, the input embedding a lookup: the convention of issue 8's
+peer figures, 38.5 MFLOP/token for torchtitan's shape). Peak memory is the process's peak RSS
 above what it held before the model was built, with glibc returning every freed block of 64 KiB or
 more to the system (MALLOC_MMAP_THRESHOLD_), so that RSS follows the live tensors; the planner's
 memory model is held to it by tests/test_memory.py.
@@ -93,7 +95,7 @@ def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none"
             warm_s = time.perf_counter() - started
     step_s = statistics.median(times)
     return {"shape": shape, "mode": mode, "ac": ac, "batch": batch, "params": modelmath.params_total(model_cfg),
-            "params_active": modelmath.params_active(model_cfg), "flops_per_token": modelmath.flops_per_token(model_cfg),
+            "params_active": modelmath.params_active(model_cfg), "flops_per_token": modelmath.exact_flops_per_token(model_cfg),
             "step_s": step_s, "tokens_per_s": batch * model_cfg.seq_len / step_s, "warmup_s": warm_s}
 
 
