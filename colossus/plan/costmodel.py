@@ -305,28 +305,29 @@ def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Softwa
     in_flight = min(layout.pp, layout.micro_batches)
     if layout.vpp > 1:
         in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.vpp)
-    activations = stored(layout.recompute) * layers * in_flight
-    if layout.recompute != "none":  # one layer's activations live again while it is recomputed
-        activations += stored("none")
-    # fp32 logits of the loss; eager PyTorch holds four copies as the backward starts (the logits,
-    # log-softmax's output, and the gradients of both).
-    logit_copies = 1 if software.fused_elementwise else 4
-    logits = (logit_copies * 4 * m.vocab_size * tokens / layout.tp) if layout.pp == 1 else 0.0
+    kept = stored(layout.recompute) * layers * in_flight  # what the forward leaves for the backward
+    # fp32 logits of the loss. Eager PyTorch briefly holds four copies as the backward starts (the
+    # logits, log-softmax's output and the gradients of both), one while the layers' backward runs.
+    logit = (4 * m.vocab_size * tokens / layout.tp) if layout.pp == 1 else 0.0
+    first_copies = 1 if software.fused_elementwise else 4
+    # Through each layer the backward also holds that layer's activations again if they were
+    # recomputed, and, in eager PyTorch, the gradients of its widest intermediates (the FFN's gate,
+    # up and product, or input and activation).
+    recomputed = stored("none") if layout.recompute != "none" else 0.0
+    gated = m.ffn_type in ("geglu", "swiglu")
+    working = 0.0 if software.fused_elementwise else (
+        (3 if gated else 2) * min(m.top_k, m.n_experts) * m.ffn_dim * element_bytes * tokens / layout.tp)
+    activations = max(kept + first_copies * logit, kept + logit + recomputed + working)
     if not software.persistent_grads:
-        # Gradients appear as the backward frees activations: the peak is either where it starts
-        # (all activations and the logits) or where it ends (all gradients and the first layer's
-        # activations); "gradients" is what the second adds over the first.
-        grads = max(0.0, grads + stored("none") - activations - logits)
-    if not software.fused_elementwise:
-        # Eager PyTorch's backward working set: the gradients of one layer's widest intermediates (the
-        # FFN's gate, up and product, or input and activation), alive while the backward passes it.
-        widest = (3 if m.ffn_type in ("geglu", "swiglu") else 2) * min(m.top_k, m.n_experts) * m.ffn_dim
-        activations += widest * element_bytes * tokens / layout.tp
+        # Gradients appear as the backward frees activations: the peak is where it starts (above) or
+        # where it ends (all gradients and the first layer's activations); "gradients" is what the end
+        # adds over the start.
+        grads = max(0.0, grads + stored("none") + working - activations)
     unsharded = 0.0
     if layout.zero >= 3:  # FSDP gathers a layer ahead: two layers' bf16 weights at once
         layer = modelmath.layer_params(m) / layout.tp
         unsharded = 2 * layer * weight_bytes / (layout.ep if m.is_moe else 1)
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations + logits,
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "buffers": unsharded, "reserved": RESERVED_GIB * GIB}
 
 
