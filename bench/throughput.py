@@ -58,12 +58,11 @@ PEER_TOKENS_PER_S = {"nanogpt": 3700.0, "titan": 1717.0}  # measured on this mac
 MODES = ("reference", "sdpa", "eager", "compiled")
 
 
-def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none", batch: int = BATCH) -> dict:
-    """Build the shape's model as `mode` says, run warmup + steps real training steps on random tokens,
-    and return the median timing of the last `steps`."""
+def build_training(shape: str, mode: str, ac: str = "none", batch: int = BATCH):
+    """The shape's model, optimizer and schedule as `mode` says; returns (model config, run_step), where
+    run_step(i) runs the real training step on random batch i."""
     import torch
 
-    from colossus import modelmath
     from colossus.config import ParallelConfig, TrainConfig, config_from_dict
     from colossus.models.grok import build_model
     from colossus.parallel.layout import resolve_layout
@@ -72,23 +71,34 @@ def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none"
     from colossus.train.trainer import train_step
 
     model_cfg = config_from_dict({"model": SHAPES[shape]}).model
-    tcfg = TrainConfig(steps=steps + warmup, global_batch=batch, micro_batch=batch, compile=mode == "compiled",
-                       warmup_steps=1)
+    tcfg = TrainConfig(steps=1000, global_batch=batch, micro_batch=batch, compile=mode == "compiled", warmup_steps=1)
     pcfg = ParallelConfig(activation_checkpoint=ac)
     device = torch.device("cpu")
     model = build_model(model_cfg, device, seed=0, fused_attention=mode != "reference")
     parallelize(model, resolve_layout(pcfg, 1), None, pcfg, tcfg, device)
     optimizer = build_optimizer(model, tcfg, device, fused=mode in ("eager", "compiled"))
     scheduler = build_scheduler(optimizer, tcfg)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model_cfg.vocab_size, (steps + warmup, batch, model_cfg.seq_len + 1), generator=generator)
+
+    def run_step(index: int) -> None:
+        generator = torch.Generator().manual_seed(index)
+        tokens = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.seq_len + 1), generator=generator)
+        result = train_step(model, optimizer, scheduler, tokens[:, :-1], tokens[:, 1:], tcfg, device)
+        float(result.loss)  # the step is done (CPU ops are synchronous; this only reads the value)
+
+    return model_cfg, run_step
+
+
+def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none", batch: int = BATCH) -> dict:
+    """Run warmup + steps training steps of the shape and return the median time of the last `steps`."""
+    from colossus import modelmath
+
+    model_cfg, run_step = build_training(shape, mode, ac, batch)
     times = []
     started = time.perf_counter()
     warm_s = 0.0
     for step in range(steps + warmup):
         begin = time.perf_counter()
-        result = train_step(model, optimizer, scheduler, tokens[step, :, :-1], tokens[step, :, 1:], tcfg, device)
-        float(result.loss)  # the step is done (CPU ops are synchronous; this only reads the value)
+        run_step(step)
         if step >= warmup:
             times.append(time.perf_counter() - begin)
         else:
@@ -144,6 +154,31 @@ def run_memory(cases: list[tuple[str, str, str]], threads: int = 2, batch: int =
     return run_python(["--memory-worker", spec, "--threads", str(threads), "--batch", str(batch)], env)
 
 
+# Profile categories: what each aten op (self time) is counted as.
+OP_CATEGORIES = {"aten::mm": "matmul", "aten::bmm": "matmul", "aten::addmm": "matmul", "aten::_grouped_mm": "matmul",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu": "attention kernel",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "attention kernel"}
+
+
+def profile_steps(shape: str, mode: str, steps: int = 3, warmup: int = 3) -> dict[str, float]:
+    """Seconds per step by category (torch.profiler, self CPU time of each op after warm-up): matmuls,
+    the fused attention kernel, compiled (inductor) kernels and everything else."""
+    from torch.profiler import profile
+
+    _, run_step = build_training(shape, mode)
+    for index in range(warmup):
+        run_step(index)
+    with profile() as prof:
+        for index in range(steps):
+            run_step(warmup + index)
+    per_step: dict[str, float] = {}
+    for event in prof.key_averages():
+        compiled = event.key.startswith("## Call CompiledFxGraph")
+        category = OP_CATEGORIES.get(event.key) or ("compiled kernels" if compiled else "other")
+        per_step[category] = per_step.get(category, 0.0) + event.self_cpu_time_total / 1e6 / steps
+    return per_step
+
+
 def gemm_peak(threads: int) -> float:
     """The best fp32 GEMM rate over a few large squares, median of repeats each (same threads)."""
     import torch
@@ -186,13 +221,18 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", metavar="SHAPE/MODE/AC,...", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="instead: where each (shape, mode)'s step time goes "
+                        "(torch.profiler), and the ceiling if only matmuls and the attention kernel took time")
+    parser.add_argument("--profile-worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker or args.memory_worker:
+    if args.worker or args.memory_worker or args.profile_worker:
         import torch
 
         torch.set_num_threads(args.threads)
         if args.worker:
             print(json.dumps(train_steps(*args.worker, args.steps, args.warmup, batch=args.batch)))
+        if args.profile_worker:
+            print(json.dumps(profile_steps(*args.profile_worker, warmup=args.warmup)))
         cases = [case.split("/") for case in args.memory_worker.split(",")] if args.memory_worker else []
         if cases:
             # One unmeasured step first: the first step of a process also allocates its thread pools and
@@ -209,6 +249,8 @@ def main() -> int:
         unknown = [v for v in value if v not in known]
         if unknown:
             parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    if args.profile:
+        return print_profiles(shapes, modes, args.threads, args.warmup)
     peak_before = gemm_peak(args.threads)
     rows = []
     for shape in shapes:
@@ -252,6 +294,37 @@ def main() -> int:
             print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f} {r['predicted_bytes'] / 2**20:11.0f} "
                   f"{r['predicted_bytes'] / r['peak_bytes'] - 1:+7.1%}")
     print("reproduce: python bench/throughput.py" + (" --peer" if args.peer else ""))
+    return 0
+
+
+def print_profiles(shapes: list[str], modes: list[str], threads: int, warmup: int) -> int:
+    """Per (shape, mode): seconds per step by category, the matmuls' rate, and the tokens/s this step
+    would reach if everything but the matmuls and the attention kernel took no time at all."""
+    from colossus import modelmath
+    from colossus.config import config_from_dict
+
+    print(f"{'shape':10} {'mode':9} {'step ms':>8} {'matmul':>7} {'attn':>7} {'compiled':>8} {'other':>7} "
+          f"{'mm GFLOP/s':>10} {'tokens/s':>9} {'ceiling':>8}")
+    for shape in shapes:
+        model_cfg = config_from_dict({"model": SHAPES[shape]}).model
+        tokens = BATCH * model_cfg.seq_len
+        forward = modelmath.forward_matmul_flops(model_cfg)
+        core = forward["attn_scores"] + forward["attn_values"]
+        for mode in modes:
+            # The matmuls aten runs (forward + backward = 3x the forward's): the attention core's too
+            # where it is written out (the soft-cap, or the reference), not where the flash kernel runs it.
+            written_out = model_cfg.attn_softcap > 0 or mode == "reference"
+            mm_flops = 3 * tokens * (sum(forward.values()) - (0 if written_out else core))
+            seconds = run_python(["--profile-worker", shape, mode, "--threads", str(threads), "--warmup", str(warmup)])[0]
+            step = sum(seconds.values())
+            share = lambda key: seconds.get(key, 0.0) / step  # noqa: E731
+            floor = seconds.get("matmul", 0.0) + seconds.get("attention kernel", 0.0)
+            print(f"{shape:10} {mode:9} {step * 1e3:8.0f} {share('matmul'):7.0%} {share('attention kernel'):7.0%} "
+                  f"{share('compiled kernels'):8.0%} {share('other'):7.0%} {mm_flops / seconds['matmul'] / 1e9:10.0f} "
+                  f"{tokens / step:9,.0f} {tokens / floor:8,.0f}")
+    print("matmul: aten mm/bmm/grouped_mm; attn: the CPU flash-attention kernel (forward + backward); compiled: "
+          "inductor's fused element-wise kernels; ceiling: tokens/s with all but matmul and attn free")
+    print("reproduce: python bench/throughput.py --profile --modes " + ",".join(modes))
     return 0
 
 
