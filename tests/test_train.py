@@ -138,3 +138,41 @@ def test_sigkill_midway_then_rerun_is_bit_identical(tmp_path: Path, corpus_dir: 
     assert final_b["tokens"] == final_a["tokens"]
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("a", "b")]
     assert summaries[0]["val_loss"] == summaries[1]["val_loss"]
+
+
+def test_resume_keeps_this_runs_optimizer_kernel() -> None:
+    """A checkpoint's param groups carry the saving run's kernel flags (an FSDP run saves foreach);
+    resuming in one process keeps its own fused AdamW, and a non-finite step still skips its update."""
+    import numpy as np
+    import torch
+
+    from colossus.config import TrainConfig
+    from colossus.data.loader import TokenLoader
+    from colossus.models.grok import build_model
+    from colossus.train.optim import build_optimizer, build_scheduler
+    from colossus.train.trainer import TrainingState, train_step
+
+    model_cfg = config_from_dict({"model": {"preset": "tiny", "n_layers": 1, "seq_len": 16}}).model
+    tcfg = TrainConfig(steps=4, global_batch=2, micro_batch=2, warmup_steps=1)
+    device = torch.device("cpu")
+    tokens = np.arange(1000, dtype=np.uint16) % model_cfg.vocab_size
+
+    def state(fused: bool) -> TrainingState:
+        model = build_model(model_cfg, device, seed=0)
+        optimizer = build_optimizer(model, tcfg, device, fused=fused)
+        return TrainingState(model, optimizer, build_scheduler(optimizer, tcfg), TokenLoader(tokens, 16, 2))
+
+    saved = state(fused=False)
+    batch = torch.arange(34).reshape(2, 17) % model_cfg.vocab_size
+    train_step(saved.model, saved.optimizer, saved.scheduler, batch[:, :-1], batch[:, 1:], tcfg, device)
+    resumed = state(fused=True)
+    resumed.load_state_dict(saved.state_dict())
+    assert all(group["fused"] for group in resumed.optimizer.param_groups)
+    before = [p.detach().clone() for p in resumed.model.parameters()]
+    result = train_step(resumed.model, resumed.optimizer, resumed.scheduler, batch[:, :-1], batch[:, 1:], tcfg, device,
+                        poison=True)
+    assert bool(result.skipped)
+    assert all(torch.equal(a, p) for a, p in zip(before, resumed.model.parameters()))
+    result = train_step(resumed.model, resumed.optimizer, resumed.scheduler, batch[:, :-1], batch[:, 1:], tcfg, device)
+    assert not bool(result.skipped)
+    assert not all(torch.equal(a, p) for a, p in zip(before, resumed.model.parameters()))

@@ -83,7 +83,11 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The saved param groups carry the saving run's kernel choice (fused, foreach); keep this run's.
+        kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in self.optimizer.param_groups]
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        for group, chosen in zip(self.optimizer.param_groups, kernels):
+            group.update(chosen)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         self.progress.load_state_dict(state["progress"])
@@ -133,13 +137,16 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: 
     grad_norm = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
     # The norm is global (the same on every rank), so all ranks agree on skipping a non-finite step.
     not_finite = ~torch.isfinite(grad_norm)
-    if optimizer.defaults.get("fused"):
+    # Read from the param groups, not the defaults: loading a checkpoint restores the saving run's flags.
+    if all(group.get("fused") for group in optimizer.param_groups):
         # The fused kernel reads the flag where it lies and leaves weights, moments and step count
         # untouched when it is set (as under GradScaler): no host sync on the step's path.
         optimizer.found_inf = not_finite.float()
         optimizer.step()
-    elif not bool(not_finite):
-        optimizer.step()
+    else:
+        optimizer.__dict__.pop("found_inf", None)  # only the fused kernel accepts the flag
+        if not bool(not_finite):
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     mean = (lambda t: None if t is None else t / n_micro)
