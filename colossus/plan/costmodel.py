@@ -232,7 +232,7 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
         scores = mbs * heads * (seq / cp) * seq * element_bytes
         score_forward = machine.memory_time(SCORE_PASSES_FORWARD * scores)
         score_backward = machine.memory_time(SCORE_PASSES_BACKWARD * scores)
-    stored = modelmath.activation_bytes_per_token(m) / 2 * element_bytes * tokens / tp
+    stored = modelmath.activation_bytes_per_token(m, element_bytes=element_bytes) * tokens / tp
     if measured_pointwise:
         # A measured machine: element-ops at its measured pointwise rate, forward + 2x backward, and
         # every op's dispatch and autograd bookkeeping (small models on CPUs are bound by these).
@@ -288,7 +288,8 @@ RESERVED_GIB = 3.0
 
 
 def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Software()) -> dict[str, float]:
-    """Bytes per GPU of the most loaded (first) pipeline stage, at its peak: the start of the backward."""
+    """Bytes per GPU of the most loaded (first) pipeline stage at its peak: as the backward starts, as
+    it passes a layer, or (gradients freed each step) as it ends."""
     dense, expert = stage_params(m, layout)
     replicas = layout.dp * layout.cp  # ranks holding the same dense shard
     expert_replicas = max(replicas // layout.ep, 1)
