@@ -208,17 +208,19 @@ def run_peer(steps: int) -> float | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(description="Trainer throughput per model shape: a plain eager reference, then "
+                                     "each optimisation in turn, with CPU MFU, peer ratios and peak memory.")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, each adding one optimisation: "
+                        + ", ".join(MODES))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per (shape, mode); the median is reported")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
     parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     parser.add_argument("--ac", default="none,full", help="activation checkpointing modes whose peak memory to measure "
                         "(eager step; none and/or full)")
     parser.add_argument("--peer", action="store_true", help="also run torchtitan's trainer (installs it from PyPI once)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", metavar="SHAPE/MODE/AC,...", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="instead: where each (shape, mode)'s step time goes "
@@ -293,7 +295,7 @@ def main() -> int:
         for r in memory:
             print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f} {r['predicted_bytes'] / 2**20:11.0f} "
                   f"{r['predicted_bytes'] / r['peak_bytes'] - 1:+7.1%}")
-    print("reproduce: python bench/throughput.py" + (" --peer" if args.peer else ""))
+    print("reproduce: python bench/throughput.py " + " ".join(sys.argv[1:]))
     return 0
 
 
