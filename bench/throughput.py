@@ -335,12 +335,11 @@ def predicted_peak_bytes(shape: str, recompute: str, batch: int = BATCH) -> floa
     soft-cap is off, norms and activations unfused, gradients freed by zero_grad. "reserved" (the CUDA
     context) has no CPU counterpart."""
     from colossus.config import config_from_dict
-    from colossus.plan.costmodel import Layout, Software, memory_breakdown
+    from colossus.plan.costmodel import Layout, eager_cpu_software, memory_breakdown
 
     model = config_from_dict({"model": SHAPES[shape]}).model
     layout = Layout(mbs=batch, gbs=batch, precision="fp32", recompute=recompute)
-    software = Software(fused_attention=model.attn_softcap == 0, fused_elementwise=False, persistent_grads=False)
-    breakdown = memory_breakdown(model, layout, software)
+    breakdown = memory_breakdown(model, layout, eager_cpu_software(model))
     return sum(breakdown.values()) - breakdown["reserved"]
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from colossus.config import config_from_dict
 from colossus.plan.cluster import local_cluster
-from colossus.plan.costmodel import Layout, Software, predict
+from colossus.plan.costmodel import Layout, eager_cpu_software, predict
 from colossus.plan.profile import measure
 from conftest import REPO, write_toml
 
@@ -65,8 +65,7 @@ def predicted_and_measured_step(tmp_path: Path, corpus_dir: Path, case: str) -> 
     measured = float(np.percentile([r["step_time_s"] for r in records if "step_time_s" in r and r["step"] >= 3], 10))
     m = config_from_dict({"model": model}).model
     layout = Layout(dp=1, mbs=train["micro_batch"], gbs=train["global_batch"], zero=0, recompute=recompute)
-    eager = Software(fused_attention=m.attn_softcap == 0, overlap_grad_reduce=False)  # what the CPU trainer runs
-    predicted = predict(m, local_cluster(profile, 1), layout, profile, software=eager).step_time_s
+    predicted = predict(m, local_cluster(profile, 1), layout, profile, software=eager_cpu_software(m)).step_time_s
     print(f"{case}: predicted {predicted * 1000:.1f} ms, measured {measured * 1000:.1f} ms ({predicted / measured - 1:+.1%})")
     return predicted, measured
 

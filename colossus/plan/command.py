@@ -15,7 +15,7 @@ from colossus.config import ModelConfig, config_from_dict
 from colossus.errors import UserError
 from colossus.models.presets import PRESETS, get_preset
 from colossus.plan.cluster import Cluster, get_cluster, local_cluster
-from colossus.plan.costmodel import Prediction, Software, run_totals
+from colossus.plan.costmodel import Prediction, Software, eager_cpu_software, run_totals
 from colossus.plan.search import SearchResult, parse_layout, search
 from colossus.account.thresholds import evaluate, load_thresholds
 
@@ -78,7 +78,7 @@ def plan(args: argparse.Namespace) -> dict:
 
         profile = MachineProfile.load(Path(args.profile) if args.profile else default_profile_path())
         cluster = local_cluster(profile, max(1, int(local.group(1))))
-        software = Software(fused_attention=model.attn_softcap == 0, overlap_grad_reduce=False)
+        software = eager_cpu_software(model)
     else:
         if args.profile:
             raise UserError("--profile goes with --cluster local-N (this machine); datasheet clusters need none")

@@ -121,6 +121,13 @@ class Software:
     persistent_grads: bool = True
 
 
+def eager_cpu_software(m: ModelConfig) -> Software:
+    """What colossus's own trainer runs on a CPU: SDPA unless the soft-cap is on, eager (unfused)
+    norms and activations, no overlap of gloo reductions, gradients freed by zero_grad."""
+    return Software(fused_attention=m.attn_softcap == 0, overlap_grad_reduce=False, fused_elementwise=False,
+                    persistent_grads=False)
+
+
 # Passes over the T x T attention scores when attention is not fused: the scores GEMM writes them,
 # the fused scale-mask-softmax reads and writes, dropout reads and writes (plus a mask), AV reads
 # (about 6 in the forward); the backward touches each about twice (Korthikanti et al. 2022, section
