@@ -66,6 +66,7 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte", "bpe" (trained here, cached) or a path to a tokenizer.json
     val_fraction: float = 0.01
     cache_dir: str = ""  # "" = $XDG_CACHE_HOME/colossus or ~/.cache/colossus
+    prefetch: int = 2  # training batches built ahead in a background thread (pinned for a GPU); 0 = none
 
 
 @dataclass
@@ -346,5 +347,7 @@ def validate(config: RunConfig) -> None:
         raise UserError(f"ledger.usd_per_device_hour must be >= 0 (or -1 for the default), got {ledger.usd_per_device_hour}")
     if ledger.device_power_w < 0 or ledger.pue < 1:
         raise UserError("ledger.device_power_w must be >= 0 and ledger.pue >= 1")
+    if config.data.prefetch < 0:
+        raise UserError(f"data.prefetch must be >= 0 (batches built ahead; 0 turns it off), got {config.data.prefetch}")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")

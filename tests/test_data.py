@@ -19,6 +19,7 @@ import torch
 
 from colossus.config import DataConfig
 from colossus.data import (
+    PrefetchingLoader,
     TokenData,
     TokenLoader,
     Tokenizer,
@@ -350,6 +351,41 @@ def test_loader_resume(k: int) -> None:
     resumed = TokenLoader(tokens, 16, 6, seed=5)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a round trip through JSON
     assert same(collect(resumed, 15), collect(original, 15))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetching_loader_is_the_same_loader(depth: int) -> None:
+    """Built ahead in a thread, the batches and the checkpointed position are the plain loader's:
+    the position counts batches handed out, not the ones waiting in the queue."""
+    tokens = stream(16 * 64 + 1)  # 64 windows, 6 per step: epochs end mid-step
+    plain, ahead = TokenLoader(tokens, 16, 6, seed=5), PrefetchingLoader(TokenLoader(tokens, 16, 6, seed=5), depth)
+    try:
+        for _ in range(12):
+            assert ahead.state_dict() == plain.state_dict()
+            assert same([ahead.next_batch()], [plain.next_batch()])
+        assert ahead.loader.state_dict() != plain.state_dict()  # the inner loader really ran ahead
+        resumed = PrefetchingLoader(TokenLoader(tokens, 16, 6, seed=5), depth)
+        resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
+        assert same(collect(resumed, 14), collect(plain, 14))
+        resumed.close()
+        rewound = plain.state_dict()  # a rollback: load an earlier position into a loader that ran ahead
+        later = collect(plain, 4)
+        collect(ahead, 20)
+        ahead.load_state_dict(rewound)
+        assert ahead.state_dict() == rewound and same(collect(ahead, 4), later)
+    finally:
+        ahead.close()
+    assert ahead.state_dict() == ahead.loader.state_dict()  # closing drops the batches built ahead
+
+
+def test_prefetching_loader_keeps_its_position_on_bad_state() -> None:
+    ahead = PrefetchingLoader(TokenLoader(stream(), 16, 8, seed=1), 2)
+    collect(ahead, 3)
+    before = ahead.state_dict()
+    with pytest.raises(UserError, match="data changed since the checkpoint"):
+        ahead.load_state_dict(TokenLoader(stream(), 16, 8, seed=2).state_dict())
+    assert ahead.state_dict() == before and same([ahead.next_batch()], [collect(TokenLoader(stream(), 16, 8, seed=1), 4)[3]])
+    ahead.close()
 
 
 def test_loader_resume_rejects_other_data() -> None:

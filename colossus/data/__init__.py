@@ -1,7 +1,7 @@
 """Data pipeline: documents -> tokenizer -> cached token streams -> deterministic batches."""
 
 from colossus.data.corpus import iter_documents
-from colossus.data.loader import TokenLoader, validation_batches
+from colossus.data.loader import PrefetchingLoader, TokenLoader, make_loader, validation_batches
 from colossus.data.shards import TokenData, prepare_tokens
 from colossus.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -11,6 +11,8 @@ __all__ = [
     "TokenData",
     "prepare_tokens",
     "TokenLoader",
+    "PrefetchingLoader",
+    "make_loader",
     "validation_batches",
     "iter_documents",
 ]

@@ -9,6 +9,8 @@ a step over all ranks are therefore exactly the single-process batch, whatever t
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -88,7 +90,12 @@ class TokenLoader:
 
     def next_batch(self) -> Batch:
         """This rank's (inputs, targets) for the next step, int64 [global_batch // dp_size, seq_len]."""
-        return gather_windows(self.tokens, self._next_global_ids()[self._mine], self.seq_len)
+        return gather_windows(self.tokens, self.next_window_ids(), self.seq_len)
+
+    def next_window_ids(self) -> np.ndarray:
+        """This rank's window ids for the next step (advancing the position): the cheap half of
+        next_batch, so that a prefetcher can hand the gather to another thread."""
+        return self._next_global_ids()[self._mine]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows, "global_batch": self.global_batch}
@@ -108,6 +115,73 @@ class TokenLoader:
         if epoch < 0 or not 0 <= cursor < self.n_windows:
             raise UserError(f"the checkpoint's data-loader position (epoch {epoch}, cursor {cursor}) is invalid; the checkpoint is damaged")
         self.epoch, self.cursor = epoch, cursor
+
+    def close(self) -> None:
+        """Nothing to release (the prefetching loader has a thread to stop)."""
+
+
+class PrefetchingLoader:
+    """A TokenLoader whose next `depth` batches are gathered (and, for a GPU, pinned) by a background
+    thread while the current step runs. It is the same loader to its caller: the same batches in
+    the same order, and state_dict() is the position after the last batch handed out, not after the
+    ones built ahead, so a checkpoint resumes exactly. The ids are drawn here, on the caller's
+    thread; the thread only copies tokens (numpy and pin_memory release the GIL while they copy)."""
+
+    def __init__(self, loader: TokenLoader, depth: int = 2, pin_memory: bool = False) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth {depth} must be >= 1 (use the TokenLoader itself for none)")
+        self.loader = loader
+        self.depth = depth
+        self.pin_memory = pin_memory
+        self._ahead: deque[tuple[Future, dict[str, int]]] = deque()  # (batch being built, position after it)
+        self._position = loader.state_dict()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colossus-prefetch")
+
+    def _build(self, window_ids: np.ndarray) -> Batch:
+        inputs, targets = gather_windows(self.loader.tokens, window_ids, self.loader.seq_len)
+        if self.pin_memory:  # page-locked, so that the copy to the GPU can overlap compute (non_blocking)
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
+
+    def _fill(self) -> None:
+        while len(self._ahead) < self.depth:
+            ids = self.loader.next_window_ids()
+            self._ahead.append((self._worker.submit(self._build, ids), self.loader.state_dict()))
+
+    def next_batch(self) -> Batch:
+        self._fill()
+        future, self._position = self._ahead.popleft()
+        self._fill()  # start the next one before waiting on this one
+        return future.result()
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._drop_ahead()
+        self.loader.load_state_dict(state)
+        self._position = self.loader.state_dict()
+
+    def _drop_ahead(self) -> None:
+        for future, _ in self._ahead:
+            future.cancel()
+        for future, _ in self._ahead:
+            if not future.cancelled():
+                future.exception()  # wait, so no copy is still running; its error does not matter now
+        self._ahead.clear()
+        self.loader.load_state_dict(self._position)
+
+    def close(self) -> None:
+        """Stop the thread; batches built ahead are dropped (the position stays where the caller is)."""
+        self._drop_ahead()
+        self._worker.shutdown(wait=True)
+
+
+def make_loader(tokens: np.ndarray, seq_len: int, global_batch: int, dp_rank: int = 0, dp_size: int = 1,
+                seed: int = 0, prefetch: int = 0, pin_memory: bool = False) -> TokenLoader | PrefetchingLoader:
+    """The training loader: plain, or with `prefetch` batches built ahead in a background thread."""
+    loader = TokenLoader(tokens, seq_len, global_batch, dp_rank, dp_size, seed)
+    return PrefetchingLoader(loader, prefetch, pin_memory) if prefetch > 0 else loader
 
 
 def validation_batches(
