@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import tomllib
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from colossus.account.flopcount import counted_flops
 from colossus.account.ledger import CPU_USD_PER_THREAD_HOUR, CPU_WATTS_PER_THREAD, GPU_USD_PER_HOUR, Ledger, Rates, parent_lineage
 from colossus.account.thresholds import load_thresholds
 from colossus.config import RunConfig, TrainConfig, config_to_dict, config_to_toml
-from colossus.data import TokenLoader, prepare_tokens, validation_batches
+from colossus.data import PrefetchingLoader, TokenLoader, make_loader, prepare_tokens, validation_batches
 from colossus.data.cache import cache_root
 from colossus.errors import UserError
 from colossus.models.grok import Transformer, build_model
@@ -68,7 +69,7 @@ class TrainingState:
     model: Transformer
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: TokenLoader
+    loader: TokenLoader | PrefetchingLoader
     progress: Progress = field(default_factory=Progress)
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,6 +104,16 @@ class StepResult:
     expert_load: torch.Tensor | None  # [n_layers, n_experts]
     skipped: torch.Tensor | bool = False  # the gradient was not finite: no update was applied (a 0-d bool
     # tensor, so that reading it, the only host sync of a step, is the caller's choice)
+
+
+@dataclass
+class UnreadVerdict:
+    """A finished step whose skip flag is still on the device (read one step later)."""
+
+    skipped: torch.Tensor | bool
+    grad_norm: torch.Tensor
+    step: int
+    position: str  # the loader position of its batch
 
 
 def set_threads(cfg: TrainConfig) -> None:
@@ -236,7 +247,8 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     parallelize(model, layout, runtime.mesh, config.parallel, tcfg, device)
     optimizer = build_optimizer(model, tcfg, device)
     scheduler = build_scheduler(optimizer, tcfg)
-    loader = TokenLoader(data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp, tcfg.seed)
+    loader = make_loader(data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp, tcfg.seed,
+                         prefetch=config.data.prefetch, pin_memory=device.type == "cuda")
     state = TrainingState(model, optimizer, scheduler, loader)
     checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
     if restart_count() == 0:
@@ -285,7 +297,8 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         f"device {device}, {torch.get_num_threads()} threads, layout {layout.describe()} | unigram val loss {baseline:.3f}"
     )
 
-    # --- the loop: the host reads tensors back (.item()) only on logging steps
+    # --- the loop: the host reads tensors back (.item()) only on logging steps, and each step's skip
+    # flag one step late
     tokens_per_step = tcfg.global_batch * mcfg.seq_len  # over all ranks
     segment_start, elapsed_before = time.perf_counter(), progress.elapsed_s
     window_start, window_steps = segment_start, 0  # throughput window: training steps only
@@ -293,6 +306,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     faults = config.faults
     poisoned_left = faults.inject_nan_count if faults.inject_nan_at_step else 0
     consecutive_bad = 0
+    unread: deque[UnreadVerdict] = deque()  # steps whose skip flag the NaN guard has not read yet
     preempted = stopped_at_threshold = False
     model.train()
     storage = CheckpointPolicy(checkpointer, {"train": state}, config, logger)
@@ -300,6 +314,14 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     try:
         with PreemptionGuard() as preemption, watchdog:
             while progress.step < tcfg.steps:
+                if stop_before_threshold(ledger, config.ledger.stop_at_threshold):
+                    storage.save(progress.step)  # before the next batch is drawn: a resume trains on it
+                    storage.finish()
+                    logger.event("threshold_stop", step=progress.step, threshold=config.ledger.stop_at_threshold)
+                    logger.print(f"stopped at step {progress.step}: the next step would exceed threshold "
+                                 f"{config.ledger.stop_at_threshold} (ledger.stop_at_threshold); checkpoint written")
+                    stopped_at_threshold = True
+                    break
                 position = loader_position(loader)
                 if position in progress.skip_batches:
                     loader.next_batch()  # a batch that broke this run before: consume it, train on the next
@@ -309,14 +331,6 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 inputs, targets = loader.next_batch()
                 poison = poisoned_left > 0 and progress.step + 1 >= faults.inject_nan_at_step
                 poisoned_left -= int(poison)
-                if stop_before_threshold(ledger, config.ledger.stop_at_threshold):
-                    storage.save(progress.step)
-                    storage.finish()
-                    logger.event("threshold_stop", step=progress.step, threshold=config.ledger.stop_at_threshold)
-                    logger.print(f"stopped at step {progress.step}: the next step would exceed threshold "
-                                 f"{config.ledger.stop_at_threshold} (ledger.stop_at_threshold); checkpoint written")
-                    stopped_at_threshold = True
-                    break
                 if ledger.flop_counter_ratio is None and progress.step == 0:
                     # Cross-check the model math once: count this first step's FLOPs as torch runs them.
                     result, counted = counted_flops(lambda: train_step(model, optimizer, scheduler, inputs, targets,
@@ -333,25 +347,44 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 watchdog.beat(progress.step)
                 last = progress.step == tcfg.steps
 
-                if bool(result.skipped):  # a step's one host sync: the NaN guard decides before the next step
+                stopping = preemption.should_stop()
+                log_due = progress.step % config.log.interval == 0 or last
+                eval_due = progress.step % config.eval.interval == 0 or last
+                save_due = progress.step % config.checkpoint.interval == 0 or last
+
+                # The NaN guard reads a step's skip flag one step late, after the next step's work is
+                # queued, so that a GPU never idles while the host waits; before anything is logged,
+                # evaluated or saved (or the run stops) every flag is read.
+                unread.append(UnreadVerdict(result.skipped, result.grad_norm, progress.step, position))
+                settle = (log_due or eval_due or save_due or stopping
+                          or stop_before_threshold(ledger, config.ledger.stop_at_threshold))
+                bad_batch = None
+                while len(unread) > (0 if settle else 1):
+                    verdict = unread.popleft()
+                    if not bool(verdict.skipped):  # the host sync: the flag of a step whose successor is queued
+                        consecutive_bad = 0
+                        continue
                     progress.skipped_steps += 1
                     consecutive_bad += 1
-                    logger.event("skipped_step", step=progress.step, grad_norm=float(result.grad_norm), batch=position)
+                    logger.event("skipped_step", step=verdict.step, grad_norm=float(verdict.grad_norm), batch=verdict.position)
                     if consecutive_bad >= faults.max_bad_steps:
-                        storage.finish()
-                        restored = rollback(checkpointer, state, position, progress.step, faults.max_bad_steps, logger)
-                        ledger.rollback(progress.step, restored)
-                        progress = state.progress
-                        consecutive_bad = 0
-                        elapsed_before, segment_start = progress.elapsed_s, time.perf_counter()
-                        window_start, window_steps = time.perf_counter(), 0
-                        logger.print(f"rolled back to step {restored} after {faults.max_bad_steps} non-finite steps; "
-                                     f"skipping batch {position}")
-                        continue
-                else:
+                        bad_batch, bad_step = verdict.position, verdict.step
+                        break
+                if bad_batch is not None:
+                    storage.finish()
+                    ran_to = progress.step  # the steps run after the bad one are lost too
+                    restored = rollback(checkpointer, state, bad_batch, bad_step, faults.max_bad_steps, logger)
+                    ledger.rollback(ran_to, restored)  # (progress is the restored one now)
+                    progress = state.progress
+                    unread.clear()
                     consecutive_bad = 0
+                    elapsed_before, segment_start = progress.elapsed_s, time.perf_counter()
+                    window_start, window_steps = time.perf_counter(), 0
+                    logger.print(f"rolled back to step {restored} after {faults.max_bad_steps} non-finite steps; "
+                                 f"skipping batch {bad_batch}")
+                    continue
 
-                if progress.step % config.log.interval == 0 or last:
+                if log_due:
                     step_time = (time.perf_counter() - window_start) / window_steps
                     tokens_per_s = tokens_per_step / step_time
                     record = {
@@ -377,18 +410,18 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                     window_start, window_steps = time.perf_counter(), 0
 
                 paused = False  # validation and saving are not training throughput
-                if progress.step % config.eval.interval == 0 or last:
+                if eval_due:
                     val_loss = evaluate(model, val_batches, runtime)
                     logger.log_validation(progress.step, val_loss, progress.elapsed_s)
                     paused = True
 
-                if progress.step % config.checkpoint.interval == 0 or last:
+                if save_due:
                     storage.save(progress.step)
                     if runtime.is_main:
                         ledger.save()
                     paused = True
 
-                if preemption.should_stop():
+                if stopping:
                     saved = storage.save(progress.step) if progress.step % config.checkpoint.interval and not last else True
                     saved = storage.finish() and saved
                     signame = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
@@ -407,6 +440,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         if runtime.is_main:
             ledger.save()
     finally:
+        loader.close()
         logger.close()
 
     summary = {
@@ -528,7 +562,7 @@ def stop_before_threshold(ledger: Ledger, name: str) -> bool:
                     f"({', '.join(t.name for t in ledger.thresholds)})")
 
 
-def loader_position(loader: TokenLoader) -> str:
+def loader_position(loader: TokenLoader | PrefetchingLoader) -> str:
     """Where the loader stands, as a short stable label (epoch:cursor)."""
     state = loader.state_dict()
     return f"{state['epoch']}:{state['cursor']}"
