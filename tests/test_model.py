@@ -526,6 +526,56 @@ def test_moe_in_bf16_matches_fp32_reference():
     torch.testing.assert_close(out.float(), reference, rtol=5e-2, atol=5e-2)
 
 
+# ----------------------------------------------------------------------------- under bf16 autocast (as on a GPU)
+# A single GPU trains fp32 weights under torch.autocast(bf16); CPU autocast runs the same code paths here.
+
+
+def test_router_and_attention_logits_stay_fp32_under_autocast():
+    """Grok-1 computes the router and the soft-capped attention logits in fp32; autocast must not
+    turn those matmuls into bf16 (a cap of 30 in bf16 has steps of 0.125)."""
+    moe = make_moe(cfg(), seed=3, router_std=1.0)
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gates, experts, stats = moe.route(x)
+    plain_gates, plain_experts, plain_stats = moe.route(x)
+    assert gates.dtype == torch.float32 and torch.equal(gates, plain_gates) and torch.equal(experts, plain_experts)
+    assert torch.equal(stats.z_loss, plain_stats.z_loss)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g) * 3 for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = math_attention(q, k, v, softcap=30.0)
+    # Only the product with the values is bf16: the same as fp32 logits applied to bf16 values.
+    assert torch.equal(out, math_attention(q, k, v.bfloat16(), softcap=30.0))
+
+
+@pytest.mark.parametrize("ffn_dim", [48, 42])  # 42: rows not 16-byte aligned, the per-expert fallback
+def test_moe_model_trains_under_bf16_autocast_with_fp32_weights(ffn_dim):
+    """One device, no FSDP: fp32 weights and residual stream, bf16 matmuls. The experts' bf16 output
+    is added back into the fp32 stream, and the loss and gradients stay within bf16 rounding."""
+    c = cfg(attn_softcap=30.0, ffn_dim=ffn_dim)
+    model = build_model(c, torch.device("cpu"), seed=0)
+    x = tokens_for(c)
+    y = torch.roll(x, -1, dims=1)
+    reference = model(x, y).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and abs(out.loss.item() - reference.item()) < 0.05
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+
+
+def test_experts_with_fp32_weights_take_bf16_tokens():
+    """Experts sharded over every rank stay fp32 (FSDP's mixed precision does not cover them) while
+    the tokens arrive in bf16: the experts compute in the tokens' dtype."""
+    moe = make_moe(cfg(), seed=6)
+    tokens = torch.randn(12, 32, generator=torch.Generator().manual_seed(2))
+    counts = torch.tensor([3, 0, 5, 4])
+    out = moe.experts(tokens.bfloat16(), counts)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), moe.experts(tokens, counts), rtol=5e-2, atol=5e-2)
+
+
 def test_moe_with_unaligned_ffn_dim():
     """A config that validates (ffn_dim = 42) must run. BUG: on CPU, grouped_matmul always calls
     torch._grouped_mm, which needs every row stride to be a multiple of 16 bytes (fp32: dims % 4 == 0),

@@ -89,10 +89,17 @@ class GroupedExperts(nn.Module):
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """tokens [M, d] sorted by expert, counts [experts] tokens per expert -> [M, d]."""
         group_ends = torch.cumsum(counts, dim=0)
-        hidden = activation(self.ffn_type, grouped_matmul(tokens, local_shard(self.w_in), group_ends))
+        # Autocast does not cast torch._grouped_mm's operands, and weights that FSDP's mixed precision
+        # does not cover (experts sharded over every rank) stay fp32: compute in autocast's dtype if
+        # it is on (as a Linear would), else in the tokens' dtype.
+        device = tokens.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
+        weight = lambda w: local_shard(w).to(dtype)
+        tokens = tokens.to(dtype)
+        hidden = activation(self.ffn_type, grouped_matmul(tokens, weight(self.w_in), group_ends))
         if self.w_up is not None:
-            hidden = hidden * grouped_matmul(tokens, local_shard(self.w_up), group_ends)
-        return grouped_matmul(hidden, local_shard(self.w_out), group_ends)
+            hidden = hidden * grouped_matmul(tokens, weight(self.w_up), group_ends)
+        return grouped_matmul(hidden, weight(self.w_out), group_ends)
 
 
 class MoE(nn.Module):
@@ -105,7 +112,8 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
         """Router in fp32 over all experts (Grok-1); returns gates [N, k], expert ids [N, k] and stats."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.router.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this linear in bf16
+            logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
         gates, experts = probs.topk(cfg.top_k, dim=-1)
         if cfg.router_renormalize:
@@ -141,5 +149,5 @@ class MoE(nn.Module):
 
         expert_out = self.experts(x[token_of_slot], counts)
         weighted = expert_out * slot_gates.unsqueeze(-1).to(expert_out.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_slot, weighted)
+        out = torch.zeros_like(x).index_add_(0, token_of_slot, weighted.to(x.dtype))
         return out.reshape(shape), stats
