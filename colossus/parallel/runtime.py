@@ -1,7 +1,7 @@
 """This process's place in a run: device, process group, layout and mesh.
 
-Launched by torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it joins the process group, NCCL on GPUs and
-gloo on CPUs; launched plainly it is a world of one and touches no torch.distributed state.
+Launched by torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it joins the process group, NCCL on GPUs (with
+gloo for host tensors) and gloo on CPUs; launched plainly it is a world of one and touches no torch.distributed state.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def setup_runtime(config: RunConfig) -> Runtime:
         return Runtime(device, layout, None, 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **restart_safe_store(world_size))
+        # gloo beside NCCL for the few host-side collectives (the preemption flag is a CPU tensor):
+        # a default group with only NCCL rejects CPU tensors ("No backend type associated with ... cpu").
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, **restart_safe_store(world_size))
     else:
         dist.init_process_group("gloo", **restart_safe_store(world_size))
     return Runtime(device, layout, build_mesh(layout, device.type), dist.get_rank())

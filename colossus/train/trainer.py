@@ -161,7 +161,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: 
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     mean = (lambda t: None if t is None else t / n_micro)
-    loss_mean = loss_sum / n_micro if not poison else torch.tensor(float("nan"))
+    loss_mean = loss_sum / n_micro if not poison else torch.full((), float("nan"), device=device)
     return StepResult(loss_mean, grad_norm, mean(aux_sum), mean(z_sum), mean(load_sum), skipped=not_finite)
 
 
