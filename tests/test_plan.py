@@ -190,3 +190,18 @@ def test_plan_user_errors(args: list[str], words: str) -> None:
     result = run_plan(*args)
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_names_map_to_their_datasheet_rows():
+    """torch.cuda.get_device_name() strings find their own catalog row: a PCIe or NVL H100 is not an
+    SXM part (756 / 835 vs 989 dense BF16 TFLOP/s), so MFU and energy would be off."""
+    from colossus.plan.hardware import gpu_from_device_name, gpu_key
+
+    expected = {"NVIDIA H100 80GB HBM3": "h100-sxm", "NVIDIA H100 PCIe": "h100-pcie", "NVIDIA H100 NVL": "h100-nvl",
+                "NVIDIA H200": "h200-sxm", "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100-SXM4-80GB": "a100-80gb",
+                "NVIDIA A100-PCIE-40GB": "a100-pcie-40gb", "NVIDIA A100 80GB PCIe": "a100-pcie-80gb"}
+    found = {name: gpu_key(gpu_from_device_name(name)) for name in expected}
+    assert found == expected
+    assert gpu_from_device_name("NVIDIA GeForce RTX 4090") is None
+    assert gpu_from_device_name("NVIDIA H100 PCIe").peak_flops("bf16") < gpu_from_device_name("NVIDIA H100 NVL").peak_flops("bf16") \
+        < gpu_from_device_name("NVIDIA H100 80GB HBM3").peak_flops("bf16")

@@ -1,6 +1,7 @@
 """Accelerator and network catalog as plain data. Dense (no 2:4 sparsity) datasheet peaks.
 
-Sources: NVIDIA A100 datasheet (2021), H100 datasheet (2023, SXM5 column), H200 datasheet (2024),
+Sources: NVIDIA A100 datasheet (2021, SXM and PCIe columns), H100 datasheets (2022: SXM5 and PCIe
+columns; 2023: NVL column), H200 datasheet (2024),
 H800 product brief, B200 / DGX B200 datasheet (2024), ConnectX-7 / BlueField-3 product briefs;
 gathered in shared/reference/hardware.md. Achievable fractions (what NCCL or cuBLAS reach of the
 datasheet figure) are separate constants with their own sources, so a datasheet row stays a datasheet row.
@@ -35,7 +36,11 @@ class GPU:
 GPUS: dict[str, GPU] = {
     "a100-40gb": GPU("A100 SXM 40GB", 312, 0, 40, 1.56, 600, 400),
     "a100-80gb": GPU("A100 SXM 80GB", 312, 0, 80, 2.04, 600, 400),
+    "a100-pcie-40gb": GPU("A100 PCIe 40GB", 312, 0, 40, 1.555, 600, 250),  # NVLink bridge; A100 PCIe product brief
+    "a100-pcie-80gb": GPU("A100 PCIe 80GB", 312, 0, 80, 1.935, 600, 300),
     "h100-sxm": GPU("H100 SXM5", 989, 1979, 80, 3.35, 900, 700),
+    "h100-pcie": GPU("H100 PCIe", 756, 1513, 80, 2.0, 600, 350),  # H100 datasheet (2022), PCIe column
+    "h100-nvl": GPU("H100 NVL", 835, 1671, 94, 3.9, 600, 400),  # H100 datasheet (2023), NVL column
     "h200-sxm": GPU("H200 SXM", 989, 1979, 141, 4.8, 900, 700),
     "h800-sxm": GPU("H800 SXM", 989, 1979, 80, 3.35, 400, 700),
     "b200": GPU("B200", 2250, 4500, 192, 8.0, 1800, 1000),
@@ -65,13 +70,17 @@ NIC_EFFICIENCY = 0.92
 # (see costmodel.gemm_efficiency). Calibrated on the published Megatron-LM runs (A100: HFU 44-52%
 # with all communication and pipeline bubbles, Narayanan et al. 2021, Table 1), and on H100 from the
 # same kernels' ~75% of peak at large sizes (the planner's validation table in the README).
-GEMM_EFFICIENCY = {"a100-40gb": 0.74, "a100-80gb": 0.74, "h100-sxm": 0.64, "h200-sxm": 0.64, "h800-sxm": 0.64,
+GEMM_EFFICIENCY = {"a100-40gb": 0.74, "a100-80gb": 0.74, "a100-pcie-40gb": 0.74, "a100-pcie-80gb": 0.74,
+                   "h100-sxm": 0.64, "h100-pcie": 0.64, "h100-nvl": 0.64, "h200-sxm": 0.64, "h800-sxm": 0.64,
                    "b200": 0.70}
 DEFAULT_GEMM_EFFICIENCY = 0.72
 
 # Substrings of torch.cuda.get_device_name() -> catalog key, most specific first.
-_NAME_HINTS = [("H200", "h200-sxm"), ("H800", "h800-sxm"), ("H100", "h100-sxm"), ("B200", "b200"),
-               ("A100-SXM4-40GB", "a100-40gb"), ("A100", "a100-80gb")]
+# torch reports e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL',
+# 'NVIDIA A100-SXM4-40GB', 'NVIDIA A100-PCIE-40GB', 'NVIDIA A100 80GB PCIe'.
+_NAME_HINTS = [("H200", "h200-sxm"), ("H800", "h800-sxm"), ("H100 PCIe", "h100-pcie"), ("H100 NVL", "h100-nvl"),
+               ("H100", "h100-sxm"), ("B200", "b200"), ("A100-SXM4-40GB", "a100-40gb"),
+               ("A100-PCIE-40GB", "a100-pcie-40gb"), ("A100 80GB PCIe", "a100-pcie-80gb"), ("A100", "a100-80gb")]
 
 
 def gpu_from_device_name(device_name: str) -> GPU | None:
