@@ -251,6 +251,22 @@ def test_reference_model_matches_fused_model():
     assert grads[0].abs().amax() > 0
 
 
+@pytest.mark.filterwarnings("ignore:.*without torch.compile")  # eager FlexAttention is the unfused reference
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_flex_softcapped_attention_equals_math_attention(kv_heads):
+    """The GPU's fused soft-capped kernel (FlexAttention) computes what math_attention writes out:
+    the same scale, cap, causal mask and head grouping (its forward runs on CPU too; in eager mode)."""
+    from colossus.models.grok import flex_softcapped_attention
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 256, 8, generator=g) * 4  # scores well past the cap, and several mask blocks
+    k, v = (torch.randn(2, kv_heads, 256, 8, generator=g) * 4 for _ in range(2))
+    for cap in (30.0, 2.0):
+        expected = math_attention(q, k, v, softcap=cap)
+        torch.testing.assert_close(flex_softcapped_attention(q, k, v, cap, compiled=False), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(math_attention(q, k, v, softcap=2.0), math_attention(q, k, v, softcap=30.0), atol=1e-2)
+
+
 def test_math_attention_first_position_copies_value():
     """The first query can only attend to the first key, so its output is v[0] of its kv head."""
     q, k, v = qkv(heads=4, kv_heads=2)

@@ -8,6 +8,7 @@ scaled by 1/sqrt(3) on the way out; grouped-query attention with RoPE, fp32 logi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,8 +73,11 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cfg.attn_softcap > 0 or not self.fused:
+        if not self.fused:
             out = math_attention(q, k, v, cfg.attn_softcap)
+        elif cfg.attn_softcap > 0:
+            # FlexAttention has no CPU backward: written out there (where torch.compile fuses it).
+            out = flex_softcapped_attention(q, k, v, cfg.attn_softcap) if q.is_cuda else math_attention(q, k, v, cfg.attn_softcap)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -98,6 +102,43 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: f
         logits = logits.view(batch, kv_heads, -1, seq, seq).masked_fill(~causal, float("-inf"))
         probs = logits.softmax(dim=-1).view(batch, kv_heads, -1, seq).to(v.dtype)
     return (probs @ v).view(batch, heads, seq, head_dim)
+
+
+def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
+                              compiled: bool = True) -> torch.Tensor:
+    """math_attention's soft-capped causal attention as one fused kernel (FlexAttention, compiled:
+    Triton on a GPU): the cap is a score_mod applied to the kernel's fp32 scores, masked blocks are
+    skipped, and nothing seq x seq is stored (written out, Grok-1's 8,192-token context would need
+    ~13 GB of logits per sequence and layer). Training needs a GPU: FlexAttention has no CPU backward."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attend = _compiled_flex_attention() if compiled else flex_attention
+    return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)),
+                  block_mask=_causal_block_mask(q.shape[-2], str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)  # eager FlexAttention is a slow reference
+
+
+@functools.cache
+def _softcap_score_mod(softcap: float):
+    # One function object per cap, so that compiled code is reused rather than retraced per call.
+    def cap(score: torch.Tensor, batch: torch.Tensor, head: torch.Tensor, q_index: torch.Tensor,
+            kv_index: torch.Tensor) -> torch.Tensor:
+        return softcap * torch.tanh(score / softcap)
+
+    return cap
+
+
+@functools.cache
+def _causal_block_mask(seq: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda batch, head, q_index, kv_index: q_index >= kv_index, None, None, seq, seq, device=device)
 
 
 class FeedForward(nn.Module):
