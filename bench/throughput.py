@@ -4,6 +4,7 @@ trainer on the same machine).
 
 usage: python bench/throughput.py [--shapes nanogpt,titan,tiny,dense100m] [--modes reference,sdpa,eager,compiled]
                                   [--steps N] [--threads T] [--ac none|full] [--peer] [--json]
+       python bench/throughput.py --device cuda     # on a GPU: dense1b and moe1b in bf16 autocast
 
 Each (shape, mode) runs in a fresh process: the real training step of colossus.train.trainer
 (train_step: forward, backward, clipping, AdamW, schedule) on random tokens, warm-up steps (compile
@@ -20,6 +21,11 @@ more to the system (MALLOC_MMAP_THRESHOLD_), so that RSS follows the live tensor
 memory model is held to it by tests/test_memory.py.
 Reference figures of the peers on this machine (issue 8): nanoGPT at its shape 3,700 tokens/s;
 torchtitan's debug model 1,717 tokens/s without activation checkpointing.
+With --device cuda the same step runs on the GPU as the trainer runs it there (fp32 weights, bf16
+autocast, fused AdamW; soft-capped attention in FlexAttention), on a ~1B dense model and a ~1.3B MoE
+(0.37B active) by default, from the sdpa mode on; MFU is
+against the GPU's datasheet dense BF16 peak (colossus.plan.hardware), peak memory is
+torch.cuda.max_memory_allocated over the second step.
 """
 
 from __future__ import annotations
@@ -51,14 +57,26 @@ SHAPES = {
                       ffn_type="gelu", n_experts=1, top_k=1, vocab_size=256, seq_len=256, norm="pre", attn_softcap=0.0,
                       embedding_multiplier=1.0, output_multiplier=1.0),
 }
+# GPU shapes (--device cuda): a Llama-style ~1B dense model and a Grok-style MoE of ~1.2B (0.4B active).
+GPU_SHAPES = {
+    "dense1b": dict(name="dense1b", n_layers=18, d_model=2048, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=5632,
+                    ffn_type="swiglu", n_experts=1, top_k=1, vocab_size=32768, seq_len=2048, norm="pre",
+                    attn_softcap=0.0, tie_embeddings=False, embedding_multiplier=1.0, output_multiplier=1.0),
+    "moe1b": dict(name="moe1b", n_layers=12, d_model=1024, n_heads=16, n_kv_heads=8, head_dim=64, ffn_dim=4096,
+                  ffn_type="geglu", n_experts=8, top_k=2, vocab_size=32768, seq_len=2048),
+}
+SHAPES.update(GPU_SHAPES)
+CPU_SHAPES = ("nanogpt", "titan", "tiny", "dense100m")
 BATCH = 8
 PEER_TOKENS_PER_S = {"nanogpt": 3700.0, "titan": 1717.0}  # measured on this machine (issue 8)
 
 
 MODES = ("reference", "sdpa", "eager", "compiled")
+# A GPU skips the reference: its written-out T x T scores at 2,048 tokens would not fit (~13 GB per layer).
+GPU_MODES = ("sdpa", "eager", "compiled")
 
 
-def build_training(shape: str, mode: str, ac: str = "none", batch: int = BATCH):
+def build_training(shape: str, mode: str, ac: str = "none", batch: int = BATCH, device_type: str = "cpu"):
     """The shape's model, optimizer and schedule as `mode` says; returns (model config, run_step), where
     run_step(i) runs the real training step on random batch i."""
     import torch
@@ -73,7 +91,7 @@ def build_training(shape: str, mode: str, ac: str = "none", batch: int = BATCH):
     model_cfg = config_from_dict({"model": SHAPES[shape]}).model
     tcfg = TrainConfig(steps=1000, global_batch=batch, micro_batch=batch, compile=mode == "compiled", warmup_steps=1)
     pcfg = ParallelConfig(activation_checkpoint=ac)
-    device = torch.device("cpu")
+    device = torch.device(device_type)
     model = build_model(model_cfg, device, seed=0, fused_attention=mode != "reference")
     parallelize(model, resolve_layout(pcfg, 1), None, pcfg, tcfg, device)
     optimizer = build_optimizer(model, tcfg, device, fused=mode in ("eager", "compiled"))
@@ -88,11 +106,13 @@ def build_training(shape: str, mode: str, ac: str = "none", batch: int = BATCH):
     return model_cfg, run_step
 
 
-def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none", batch: int = BATCH) -> dict:
-    """Run warmup + steps training steps of the shape and return the median time of the last `steps`."""
+def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none", batch: int = BATCH,
+                device_type: str = "cpu") -> dict:
+    """Run warmup + steps training steps of the shape and return the median time of the last `steps`
+    (each step ends by reading its loss, so a GPU's queue is drained inside the timing)."""
     from colossus import modelmath
 
-    model_cfg, run_step = build_training(shape, mode, ac, batch)
+    model_cfg, run_step = build_training(shape, mode, ac, batch, device_type)
     times = []
     started = time.perf_counter()
     warm_s = 0.0
@@ -104,7 +124,8 @@ def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none"
         else:
             warm_s = time.perf_counter() - started
     step_s = statistics.median(times)
-    return {"shape": shape, "mode": mode, "ac": ac, "batch": batch, "params": modelmath.params_total(model_cfg),
+    return {"shape": shape, "mode": mode, "ac": ac, "batch": batch, "seq_len": model_cfg.seq_len,
+            "params": modelmath.params_total(model_cfg),
             "params_active": modelmath.params_active(model_cfg), "flops_per_token": modelmath.exact_flops_per_token(model_cfg),
             "step_s": step_s, "tokens_per_s": batch * model_cfg.seq_len / step_s, "warmup_s": warm_s}
 
@@ -120,6 +141,19 @@ def peak_memory(shape: str, mode: str, ac: str = "none", batch: int = BATCH) -> 
     row = train_steps(shape, mode, steps=1, warmup=1, ac=ac, batch=batch)
     row["peak_bytes"] = resident_bytes("VmHWM") - before
     return row
+
+
+def gpu_peak_memory(shape: str, mode: str, ac: str = "none", batch: int = BATCH) -> dict:
+    """Peak bytes torch allocated on the GPU during a second training step (weights, AdamW state,
+    activations, gradients; not the CUDA context or the caching allocator's slack)."""
+    import torch
+
+    model_cfg, run_step = build_training(shape, mode, ac, batch, "cuda")
+    run_step(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run_step(1)
+    return {"shape": shape, "mode": mode, "ac": ac, "batch": batch, "peak_bytes": torch.cuda.max_memory_allocated()}
 
 
 def resident_bytes(field: str) -> int:
@@ -138,11 +172,16 @@ def run_python(args: list[str], env: dict | None = None) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def run_timing(shape: str, mode: str, steps: int, threads: int, warmup: int = 3) -> dict:
+def run_timing(shape: str, mode: str, steps: int, threads: int, warmup: int = 3, device_type: str = "cpu") -> dict:
     """One timing in a fresh Python process, so that compile caches and allocator state do not leak
     from one measurement into the next; raises RuntimeError with its stderr if it fails."""
     return run_python(["--worker", shape, mode, "--steps", str(steps), "--warmup", str(warmup),
-                       "--threads", str(threads)])[0]
+                       "--threads", str(threads), "--device", device_type])[0]
+
+
+def run_gpu_memory(cases: list[tuple[str, str, str]], batch: int = BATCH) -> list[dict]:
+    """GPU peak memory of each case, each in a fresh process (so no case inherits another's cache)."""
+    return [run_python(["--gpu-memory-worker", "/".join(case), "--batch", str(batch)])[0] for case in cases]
 
 
 def run_memory(cases: list[tuple[str, str, str]], threads: int = 2, batch: int = BATCH) -> list[dict]:
@@ -179,6 +218,19 @@ def profile_steps(shape: str, mode: str, steps: int = 3, warmup: int = 3) -> dic
     return per_step
 
 
+def gpu_datasheet_peak() -> tuple[float, str]:
+    """The visible GPU's dense BF16 datasheet peak (what the trainer's MFU uses) and its name."""
+    import torch
+
+    from colossus.plan.hardware import gpu_from_device_name
+
+    name = torch.cuda.get_device_name(0)
+    gpu = gpu_from_device_name(name)
+    if gpu is None:
+        raise SystemExit(f"{name} is not in colossus.plan.hardware's catalog: no peak to measure MFU against")
+    return gpu.bf16_tflops * 1e12, gpu.name
+
+
 def gemm_peak(threads: int) -> float:
     """The best fp32 GEMM rate over a few large squares, median of repeats each (same threads)."""
     import torch
@@ -210,9 +262,13 @@ def run_peer(steps: int) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Trainer throughput per model shape: a plain eager reference, then "
                                      "each optimisation in turn, with CPU MFU, peer ratios and peak memory.")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, each adding one optimisation: "
-                        + ", ".join(MODES))
+    parser.add_argument("--shapes", default=None, help="comma-separated, from: " + ", ".join(SHAPES)
+                        + f" (default: {','.join(CPU_SHAPES)} on cpu, {','.join(GPU_SHAPES)} on cuda)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where to train: cpu (fp32, against a measured GEMM peak) or cuda (bf16 autocast, "
+                             "against the GPU's datasheet peak)")
+    parser.add_argument("--modes", default=None, help="comma-separated, each adding one optimisation: "
+                        + ", ".join(MODES) + f" (default: all on cpu, {','.join(GPU_MODES)} on cuda)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per (shape, mode); the median is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens there)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
@@ -226,13 +282,17 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="instead: where each (shape, mode)'s step time goes "
                         "(torch.profiler), and the ceiling if only matmuls and the attention kernel took time")
     parser.add_argument("--profile-worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-memory-worker", metavar="SHAPE/MODE/AC", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gpu_memory_worker:
+        print(json.dumps(gpu_peak_memory(*args.gpu_memory_worker.split("/"), batch=args.batch)))
+        return 0
     if args.worker or args.memory_worker or args.profile_worker:
         import torch
 
         torch.set_num_threads(args.threads)
         if args.worker:
-            print(json.dumps(train_steps(*args.worker, args.steps, args.warmup, batch=args.batch)))
+            print(json.dumps(train_steps(*args.worker, args.steps, args.warmup, batch=args.batch, device_type=args.device)))
         if args.profile_worker:
             print(json.dumps(profile_steps(*args.profile_worker, warmup=args.warmup)))
         cases = [case.split("/") for case in args.memory_worker.split(",")] if args.memory_worker else []
@@ -244,8 +304,16 @@ def main() -> int:
             print(json.dumps(peak_memory(*case, batch=args.batch)), flush=True)
         return 0
 
-    shapes = [s for s in args.shapes.split(",") if s]
-    modes = [m for m in args.modes.split(",") if m]
+    on_gpu = args.device == "cuda"
+    if on_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA GPU is visible here; run on a GPU machine or drop --device")
+        if args.profile or args.peer:
+            parser.error("--profile and --peer measure the CPU; drop them with --device cuda")
+    shapes = [s for s in (args.shapes or ",".join(GPU_SHAPES if on_gpu else CPU_SHAPES)).split(",") if s]
+    modes = [m for m in (",".join(GPU_MODES if on_gpu else MODES) if args.modes is None else args.modes).split(",") if m]
     ac_modes = [a for a in args.ac.split(",") if a]
     for value, known, what in ((shapes, SHAPES, "shape"), (modes, MODES, "mode"), (ac_modes, ("none", "full"), "ac")):
         unknown = [v for v in value if v not in known]
@@ -253,16 +321,17 @@ def main() -> int:
             parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
     if args.profile:
         return print_profiles(shapes, modes, args.threads, args.warmup)
-    peak_before = gemm_peak(args.threads)
+    peak_before, peak_name = gpu_datasheet_peak() if on_gpu else (gemm_peak(args.threads), "")
     rows = []
     for shape in shapes:
         for mode in modes:
             try:
-                rows.append(run_timing(shape, mode, args.steps, args.threads, args.warmup))
+                rows.append(run_timing(shape, mode, args.steps, args.threads, args.warmup, args.device))
             except RuntimeError as failure:
                 print(failure, file=sys.stderr)
-    peak = max(peak_before, gemm_peak(args.threads))  # the machine's best, before and after
-    memory = run_memory([(shape, "eager", ac) for shape in shapes for ac in ac_modes], args.threads) if ac_modes else []
+    peak = peak_before if on_gpu else max(peak_before, gemm_peak(args.threads))  # the machine's best, before and after
+    cases = [(shape, "eager", ac) for shape in shapes for ac in ac_modes]
+    memory = (run_gpu_memory(cases) if on_gpu else run_memory(cases, args.threads)) if ac_modes else []
     peer = run_peer(25) if args.peer else None
     for row in rows:
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
@@ -273,23 +342,33 @@ def main() -> int:
         reference = peer if (peer and row["shape"] == "titan") else PEER_TOKENS_PER_S.get(row["shape"])
         row["vs_peer"] = row["tokens_per_s"] / reference if reference else None
     for row in memory:
-        row["predicted_bytes"] = predicted_peak_bytes(row["shape"], row["ac"], row["batch"])
-    result = {"gemm_peak_gflops": peak / 1e9, "threads": args.threads, "batch": BATCH, "rows": rows, "memory": memory,
-              "torchtitan_measured_tokens_per_s": peer}
+        row["predicted_bytes"] = None if on_gpu else predicted_peak_bytes(row["shape"], row["ac"], row["batch"])
+    result = {"device": args.device, "gpu": peak_name or None, "gemm_peak_gflops": peak / 1e9, "threads": args.threads,
+              "batch": BATCH, "rows": rows, "memory": memory, "torchtitan_measured_tokens_per_s": peer}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     ratio = lambda value: f"{value:7.2f}x" if value else f"{'-':>8}"  # noqa: E731
-    print(f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s ({args.threads} threads), batch {BATCH}, median of {args.steps} steps")
+    if on_gpu:
+        print(f"{peak_name}: dense BF16 datasheet peak {peak / 1e12:.0f} TFLOP/s, bf16 autocast, batch {BATCH}, "
+              f"median of {args.steps} steps")
+    else:
+        print(f"fp32 GEMM peak {peak / 1e9:.0f} GFLOP/s ({args.threads} threads), batch {BATCH}, median of {args.steps} steps")
     print(f"{'shape':10} {'mode':9} {'params':>8} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'vs ref':>8} "
           f"{'vs prev':>8} {'vs peer':>8} {'warm-up s':>9}")
     for r in rows:
         print(f"{r['shape']:10} {r['mode']:9} {r['params'] / 1e6:7.1f}M {r['tokens_per_s']:9,.0f} {r['step_s'] * 1e3:8.1f} "
               f"{r['mfu']:6.1%} {ratio(r['vs_reference'])} {ratio(r['vs_previous'])} {ratio(r['vs_peer'])} "
               f"{r['warmup_s']:9.1f}")
-    print("peers: nanoGPT 3,700 tokens/s at its shape, torchtitan "
-          + (f"{peer:,.0f} (measured now)" if peer else "1,717 (issue 8's measurement)") + " tokens/s")
-    if memory:
+    if not on_gpu:
+        print("peers: nanoGPT 3,700 tokens/s at its shape, torchtitan "
+              + (f"{peer:,.0f} (measured now)" if peer else "1,717 (issue 8's measurement)") + " tokens/s")
+    if memory and on_gpu:
+        print("\npeak GPU memory allocated during an eager step")
+        print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12}")
+        for r in memory:
+            print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f}")
+    elif memory:
         print(f"\npeak memory of an eager step above the process's start, vs the planner's memory model")
         print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12} {'planner MiB':>11} {'error':>7}")
         for r in memory:
