@@ -137,6 +137,28 @@ def test_stop_at_threshold_and_warning(tmp_path: Path, corpus_dir: Path) -> None
     assert not next(t for t in ledger["thresholds"] if t["name"] == "lab-review")["crossed"]
 
 
+def test_threshold_stop_on_a_save_step_writes_its_checkpoint_once(tmp_path: Path, corpus_dir: Path) -> None:
+    """Step 4 is saved by the interval and is also where the threshold stops the run: one write, not
+    two (a rewrite replaces the folder with itself); running the command again stops at once, still
+    without rewriting it, and trains on the same batches when the threshold is lifted."""
+    per_step = 8 * 64 * modelmath.flops_per_token(small_config(corpus_dir, tmp_path).model)
+    extra = tmp_path / "mine.toml"
+    extra.write_text(f'[[threshold]]\nname = "lab-review"\nlimit_flops = {4.5 * per_step}\nscope = "cumulative"\n'
+                     f'status = "internal"\nasks = "a safety review"\n')
+    config = small_config(corpus_dir, tmp_path / "cache", train={"steps": 10}, checkpoint={"interval": 4, "keep": 1},
+                          ledger={"thresholds_file": str(extra), "stop_at_threshold": "lab-review"}, **QUIET)
+    run = tmp_path / "run"
+    assert train(config, run)["step"] == 4
+    assert train(config, run)["step"] == 4  # the same command again: the threshold still holds
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4]
+    assert [e["step"] for e in events if e["event"] == "threshold_stop"] == [4, 4]
+    config.ledger.stop_at_threshold = ""
+    assert train(config, run)["step"] == 10
+    straight = small_config(corpus_dir, tmp_path / "cache", train={"steps": 10}, checkpoint={"interval": 4, "keep": 1}, **QUIET)
+    assert train(straight, tmp_path / "straight")["val_loss"] == json.loads((run / "summary.json").read_text())["val_loss"]
+
+
 def test_plan_projects_the_ledger_and_thresholds() -> None:
     result = subprocess.run([sys.executable, "-m", "colossus", "plan", "--model", "grok-1", "--cluster", "colossus-100k",
                              "--tokens", "2e13", "--json"], capture_output=True, text=True,

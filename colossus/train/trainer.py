@@ -114,6 +114,7 @@ class UnreadVerdict:
     grad_norm: torch.Tensor
     step: int
     position: str  # the loader position of its batch
+    poison: bool = False  # a fault injected on purpose (faults.inject_nan_at_step)
 
 
 def set_threads(cfg: TrainConfig) -> None:
@@ -309,7 +310,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
     unread: deque[UnreadVerdict] = deque()  # steps whose skip flag the NaN guard has not read yet
     preempted = stopped_at_threshold = False
     model.train()
-    storage = CheckpointPolicy(checkpointer, {"train": state}, config, logger)
+    storage = CheckpointPolicy(checkpointer, {"train": state}, config, logger, saved_step=resumed_from)
     watchdog = HangWatchdog(faults.hang_timeout_s, on_hang=lambda step, stuck: logger.event("hang", step=step, stuck_s=stuck))
     try:
         with PreemptionGuard() as preemption, watchdog:
@@ -355,7 +356,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 # The NaN guard reads a step's skip flag one step late, after the next step's work is
                 # queued, so that a GPU never idles while the host waits; before anything is logged,
                 # evaluated or saved (or the run stops) every flag is read.
-                unread.append(UnreadVerdict(result.skipped, result.grad_norm, progress.step, position))
+                unread.append(UnreadVerdict(result.skipped, result.grad_norm, progress.step, position, poison))
                 settle = (log_due or eval_due or save_due or stopping
                           or stop_before_threshold(ledger, config.ledger.stop_at_threshold))
                 bad_batch = None
@@ -376,6 +377,8 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                     restored = rollback(checkpointer, state, bad_batch, bad_step, faults.max_bad_steps, logger)
                     ledger.rollback(ran_to, restored)  # (progress is the restored one now)
                     progress = state.progress
+                    storage.saved_step = restored
+                    poisoned_left += sum(v.poison for v in unread)  # injected faults of discarded steps come again
                     unread.clear()
                     consecutive_bad = 0
                     elapsed_before, segment_start = progress.elapsed_s, time.perf_counter()
@@ -421,8 +424,10 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                         ledger.save()
                     paused = True
 
+                if paused and not stopping:  # a signal that came during the evaluation or the save stops here
+                    stopping = preemption.should_stop()  # (every rank pauses at the same steps)
                 if stopping:
-                    saved = storage.save(progress.step) if progress.step % config.checkpoint.interval and not last else True
+                    saved = storage.save(progress.step)  # no second write if this step was just saved
                     saved = storage.finish() and saved
                     signame = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
                     logger.event("preempted", step=progress.step, signal=signame, checkpoint_written=saved)
@@ -472,20 +477,27 @@ class CheckpointPolicy:
     recorded (events.jsonl, console) and the run goes on with its previous checkpoint intact, or
     stops with a one-line error naming the folder."""
 
-    def __init__(self, checkpointer: Checkpointer, state: dict[str, Any], config: RunConfig, logger: MetricsLogger):
+    def __init__(self, checkpointer: Checkpointer, state: dict[str, Any], config: RunConfig, logger: MetricsLogger,
+                 saved_step: int | None = None):
         self.checkpointer, self.state, self.logger = checkpointer, state, logger
+        self.saved_step = saved_step  # the step whose checkpoint holds the current state (set it after a rollback)
         self.on_error = config.checkpoint.on_error
         self.extra = {"config_sha": _config_hash(config)}
         self.failures = 0
 
     def save(self, step: int) -> bool:
-        """Start the checkpoint of `step` (after the previous one is done); False if either failed."""
+        """Start the checkpoint of `step` (after the previous one is done); False if either failed. A step
+        already saved is not written again (replacing a checkpoint with itself only opens a window
+        in which, with checkpoint.keep = 1, none is committed)."""
         previous_ok = self.finish()
+        if step == self.saved_step:
+            return previous_ok
         try:
             path = self.checkpointer.save(step, self.state, extra=self.extra)
         except CheckpointWriteError as exc:
             self._failed(exc)
             return False
+        self.saved_step = step
         self.logger.event("checkpoint", step=step, path=str(path))
         return previous_ok
 
