@@ -135,6 +135,8 @@ class PrefetchingLoader:
         self.pin_memory = pin_memory
         self._ahead: deque[tuple[Future, dict[str, int]]] = deque()  # (batch being built, position after it)
         self._position = loader.state_dict()
+        # No torch.set_num_threads(1) here (torch's DataLoader does it in its pin thread): it would also
+        # set the thread count that every thread started later begins with.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colossus-prefetch")
 
     def _build(self, window_ids: np.ndarray) -> Batch:

@@ -77,7 +77,9 @@ class Attention(nn.Module):
             out = math_attention(q, k, v, cfg.attn_softcap)
         elif cfg.attn_softcap > 0:
             # FlexAttention has no CPU backward: written out there (where torch.compile fuses it).
-            out = flex_softcapped_attention(q, k, v, cfg.attn_softcap) if q.is_cuda else math_attention(q, k, v, cfg.attn_softcap)
+            # Also written out for generate()'s shorter contexts: one compiled kernel per training length.
+            fused = q.is_cuda and seq == cfg.seq_len
+            out = flex_softcapped_attention(q, k, v, cfg.attn_softcap) if fused else math_attention(q, k, v, cfg.attn_softcap)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -134,6 +136,7 @@ def _softcap_score_mod(softcap: float):
     return cap
 
 
+@torch.compiler.disable  # built once per length and device, also when the block around it is compiled
 @functools.cache
 def _causal_block_mask(seq: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
