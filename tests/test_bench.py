@@ -28,3 +28,24 @@ def test_cuda_without_a_gpu_is_a_one_line_error():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "no CUDA GPU is visible" in run.stderr.splitlines()[-1]
+
+
+def test_additive_mask_attention_is_bit_identical_to_masked_fill():
+    """bench/attention_core.py's baseline: masking with an added -inf bias (one pass that also applies
+    the cap's factor) changes no bit of the outputs or gradients, with and without the cap."""
+    import importlib.util
+
+    from colossus.models.grok import math_attention
+
+    spec = importlib.util.spec_from_file_location("bench_attention_core", REPO / "bench" / "attention_core.py")
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(2, 4, 32, 16, generator=g) * 4).requires_grad_()
+    k, v = ((torch.randn(2, 2, 32, 16, generator=g) * 4).requires_grad_() for _ in range(2))
+    grad = torch.randn(2, 4, 32, 16, generator=g)
+    for cap in (30.0, 1.5):
+        ours, textbook = math_attention(q, k, v, cap), core.masked_fill_attention(q, k, v, cap)
+        assert torch.equal(ours, textbook)
+        for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(textbook, (q, k, v), grad)):
+            assert torch.equal(a, b)

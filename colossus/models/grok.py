@@ -95,13 +95,16 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: f
     kv_heads = k.shape[1]
     # Group the query heads that share a key/value head, so k and v are broadcast, not copied.
     q = q.float().reshape(batch, kv_heads, heads // kv_heads * seq, head_dim)
+    # The causal mask as an added bias (0, or -inf above the diagonal): one pass over the seq x seq
+    # logits that also applies the cap's factor, where masked_fill would copy them and fill them.
+    bias = torch.full((seq, seq), float("-inf"), device=q.device).triu(1)
     with torch.autocast(q.device.type, enabled=False):  # autocast would compute these logits in bf16
         if softcap > 0:
-            logits = softcap * torch.tanh((q / (math.sqrt(head_dim) * softcap)) @ k.float().transpose(-2, -1))
+            scores = (q / (math.sqrt(head_dim) * softcap)) @ k.float().transpose(-2, -1)
+            # bias + c * tanh(s): the same products as masking c * tanh(s); tanh in place (a fresh matmul output)
+            logits = torch.add(bias, scores.tanh_().view(batch, kv_heads, -1, seq, seq), alpha=softcap)
         else:
-            logits = (q / math.sqrt(head_dim)) @ k.float().transpose(-2, -1)
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-        logits = logits.view(batch, kv_heads, -1, seq, seq).masked_fill(~causal, float("-inf"))
+            logits = bias + ((q / math.sqrt(head_dim)) @ k.float().transpose(-2, -1)).view(batch, kv_heads, -1, seq, seq)
         probs = logits.softmax(dim=-1).view(batch, kv_heads, -1, seq).to(v.dtype)
     return (probs @ v).view(batch, heads, seq, head_dim)
 
