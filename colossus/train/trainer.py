@@ -359,22 +359,13 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
                 unread.append(UnreadVerdict(result.skipped, result.grad_norm, progress.step, position, poison))
                 settle = (log_due or eval_due or save_due or stopping
                           or stop_before_threshold(ledger, config.ledger.stop_at_threshold))
-                bad_batch = None
-                while len(unread) > (0 if settle else 1):
-                    verdict = unread.popleft()
-                    if not bool(verdict.skipped):  # the host sync: the flag of a step whose successor is queued
-                        consecutive_bad = 0
-                        continue
-                    progress.skipped_steps += 1
-                    consecutive_bad += 1
-                    logger.event("skipped_step", step=verdict.step, grad_norm=float(verdict.grad_norm), batch=verdict.position)
-                    if consecutive_bad >= faults.max_bad_steps:
-                        bad_batch, bad_step = verdict.position, verdict.step
-                        break
-                if bad_batch is not None:
+                consecutive_bad, last_straw = read_verdicts(unread, 0 if settle else 1, consecutive_bad,
+                                                            faults.max_bad_steps, progress, logger)
+                if last_straw is not None:
+                    bad_batch = last_straw.position
                     storage.finish()
                     ran_to = progress.step  # the steps run after the bad one are lost too
-                    restored = rollback(checkpointer, state, bad_batch, bad_step, faults.max_bad_steps, logger)
+                    restored = rollback(checkpointer, state, bad_batch, last_straw.step, faults.max_bad_steps, logger)
                     ledger.rollback(ran_to, restored)  # (progress is the restored one now)
                     progress = state.progress
                     storage.saved_step = restored
@@ -572,6 +563,24 @@ def stop_before_threshold(ledger: Ledger, name: str) -> bool:
             return counted + per_step > threshold.limit_flops
     raise UserError(f"ledger.stop_at_threshold = {name!r} is not a known threshold "
                     f"({', '.join(t.name for t in ledger.thresholds)})")
+
+
+def read_verdicts(unread: deque[UnreadVerdict], keep: int, consecutive_bad: int, max_bad_steps: int,
+                  progress: Progress, logger: MetricsLogger) -> tuple[int, UnreadVerdict | None]:
+    """Read the skip flags of all but the newest `keep` unread steps (the host sync: each is the flag of
+    a step whose successor is queued), record the skipped ones, and return the new count of consecutive
+    bad steps and the step that made it max_bad_steps, if one did (the rest stay unread)."""
+    while len(unread) > keep:
+        verdict = unread.popleft()
+        if not bool(verdict.skipped):
+            consecutive_bad = 0
+            continue
+        progress.skipped_steps += 1
+        consecutive_bad += 1
+        logger.event("skipped_step", step=verdict.step, grad_norm=float(verdict.grad_norm), batch=verdict.position)
+        if consecutive_bad >= max_bad_steps:
+            return consecutive_bad, verdict
+    return consecutive_bad, None
 
 
 def loader_position(loader: TokenLoader | PrefetchingLoader) -> str:
