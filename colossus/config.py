@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
     compile: bool = False
+    deterministic: bool = False  # GPU: deterministic kernels, so reruns and resumes match bit for bit (slower); CPU kernels already are
     threads: int = 0  # CPU threads per process; 0 = all cores divided by local ranks
     init_from: str = ""  # fine-tune: start from the model weights of this run folder's newest checkpoint
 

@@ -54,3 +54,20 @@ def test_moe_trains_on_the_gpu_with_a_skipped_nan_step(tmp_path: Path, corpus_di
                         eval={"interval": 40, "sample_tokens": 0})
     resumed = train(more, tmp_path / "run")
     assert resumed["step"] == 40 and resumed["val_loss"] < summary["unigram_val_loss"]
+
+
+def test_deterministic_resume_on_the_gpu_is_bit_identical(tmp_path: Path, corpus_dir: Path):
+    """With train.deterministic, a run stopped at step 10 and resumed ends with the uninterrupted run's
+    bits, as on a CPU."""
+    import shutil
+
+    def config(steps: int):
+        return small_config(corpus_dir, tmp_path / "cache", train={"steps": steps, "device": "cuda", "deterministic": True},
+                            log={"interval": 5, "tensorboard": False}, checkpoint={"interval": 10, "keep": 3},
+                            eval={"interval": 20, "sample_tokens": 0})
+
+    whole = train(config(20), tmp_path / "whole")
+    train(config(20), tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-20")
+    resumed = train(config(20), tmp_path / "resumed")  # from step 10
+    assert resumed["val_loss"] == whole["val_loss"]

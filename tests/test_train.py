@@ -86,6 +86,24 @@ def test_resume_in_process_matches_uninterrupted(tmp_path: Path, corpus_dir: Pat
     assert summary["step"] == 12
 
 
+def test_deterministic_kernels_change_no_cpu_result_and_are_switched_off_after(tmp_path: Path, corpus_dir: Path) -> None:
+    """train.deterministic turns on torch's deterministic kernels for the run (for GPUs); every op of
+    the CPU step has one (no warning), the CPU numbers are the same bits, and the process-wide switch
+    is back where it was when train() returns."""
+    import warnings
+
+    import torch
+
+    plain = train(small_config(corpus_dir, tmp_path / "cache", train={"steps": 6}), tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*deterministic")  # how a kernel without one says so
+        strict = train(small_config(corpus_dir, tmp_path / "cache", train={"steps": 6, "deterministic": True}),
+                       tmp_path / "strict")
+    assert strict["val_loss"] == plain["val_loss"]
+    assert train_records(tmp_path / "strict")[6]["loss"] == train_records(tmp_path / "plain")[6]["loss"]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_more_steps_continue_a_finished_run(tmp_path: Path, corpus_dir: Path) -> None:
     config = small_config(corpus_dir, tmp_path / "cache", train={"steps": 8})
     run = tmp_path / "run"

@@ -226,12 +226,25 @@ def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     check_run_folder(out, config)
     runtime = setup_runtime(config)  # layout checked against world size and model before any build
     finished = False
+    kernels_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
+        if config.train.deterministic:
+            use_deterministic_kernels()
         summary = _train(config, out, runtime)
         finished = True
         return summary
     finally:
+        torch.use_deterministic_algorithms(kernels_before[0], warn_only=kernels_before[1])
         runtime.close(finished)
+
+
+def use_deterministic_kernels() -> None:
+    """Deterministic CUDA kernels (index_add_, scatter, the attention backward), so that a rerun or a
+    resume gives the same bits on a GPU as it does on a CPU. cuBLAS needs a fixed workspace for that
+    (CUDA docs, "Results reproducibility"), set before its first matmul; kernels without a
+    deterministic version warn rather than stop the run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
