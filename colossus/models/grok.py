@@ -73,15 +73,14 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if not self.fused:
-            out = math_attention(q, k, v, cfg.attn_softcap)
-        elif cfg.attn_softcap > 0:
-            # FlexAttention has no CPU backward: written out there (where torch.compile fuses it).
-            # Also written out for generate()'s shorter contexts: one compiled kernel per training length.
-            fused = q.is_cuda and seq == cfg.seq_len
-            out = flex_softcapped_attention(q, k, v, cfg.attn_softcap) if fused else math_attention(q, k, v, cfg.attn_softcap)
-        else:
+        if self.fused and cfg.attn_softcap == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif self.fused and q.is_cuda and seq == cfg.seq_len:
+            out = flex_softcapped_attention(q, k, v, cfg.attn_softcap)
+        else:
+            # Written out: the reference, the cap on a CPU (FlexAttention has no CPU backward; compile
+            # fuses it), and generate()'s shorter contexts (one compiled kernel per training length).
+            out = math_attention(q, k, v, cfg.attn_softcap)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
