@@ -342,7 +342,7 @@ def main() -> int:
         reference = peer if (peer and row["shape"] == "titan") else PEER_TOKENS_PER_S.get(row["shape"])
         row["vs_peer"] = row["tokens_per_s"] / reference if reference else None
     for row in memory:
-        row["predicted_bytes"] = None if on_gpu else predicted_peak_bytes(row["shape"], row["ac"], row["batch"])
+        row["predicted_bytes"] = predicted_peak_bytes(row["shape"], row["ac"], row["batch"], args.device)
     result = {"device": args.device, "gpu": peak_name or None, "gemm_peak_gflops": peak / 1e9, "threads": args.threads,
               "batch": BATCH, "rows": rows, "memory": memory, "torchtitan_measured_tokens_per_s": peer}
     if args.json:
@@ -365,9 +365,10 @@ def main() -> int:
               + (f"{peer:,.0f} (measured now)" if peer else "1,717 (issue 8's measurement)") + " tokens/s")
     if memory and on_gpu:
         print("\npeak GPU memory allocated during an eager step")
-        print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12}")
+        print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12} {'planner MiB':>11} {'error':>7}")
         for r in memory:
-            print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f}")
+            print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f} {r['predicted_bytes'] / 2**20:11.0f} "
+                  f"{r['predicted_bytes'] / r['peak_bytes'] - 1:+7.1%}")
     elif memory:
         print(f"\npeak memory of an eager step above the process's start, vs the planner's memory model")
         print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12} {'planner MiB':>11} {'error':>7}")
@@ -409,18 +410,22 @@ def print_profiles(shapes: list[str], modes: list[str], threads: int, warmup: in
     return 0
 
 
-def predicted_peak_bytes(shape: str, recompute: str, batch: int = BATCH) -> float:
-    """The planner's peak for one CPU process training the shape in fp32 with eager PyTorch: SDPA where the
-    soft-cap is off, norms and activations unfused, gradients freed by zero_grad. "reserved" (the CUDA
-    context) has no CPU counterpart."""
+def predicted_peak_bytes(shape: str, recompute: str, batch: int = BATCH, device_type: str = "cpu") -> float:
+    """The planner's peak for one process training the shape with eager PyTorch: SDPA (or FlexAttention
+    on a GPU) where the soft-cap is off, norms and activations unfused, gradients freed by zero_grad;
+    fp32 on a CPU, bf16 on a GPU (the planner's 2 + 4 + 12 bytes of state per parameter equal ours
+    there: fp32 weights, gradients and moments, 16, plus autocast's bf16 weight copies, 2). "reserved"
+    (the CUDA context, not counted by torch.cuda.max_memory_allocated) is left out."""
     from colossus.config import config_from_dict
-    from colossus.plan.costmodel import Layout, eager_cpu_software, memory_breakdown
+    from colossus.plan.costmodel import Layout, Software, eager_cpu_software, memory_breakdown
 
     model = config_from_dict({"model": SHAPES[shape]}).model
-    layout = Layout(mbs=batch, gbs=batch, precision="fp32", recompute=recompute)
-    breakdown = memory_breakdown(model, layout, eager_cpu_software(model))
+    on_gpu = device_type == "cuda"
+    layout = Layout(mbs=batch, gbs=batch, precision="bf16" if on_gpu else "fp32", recompute=recompute)
+    software = (Software(fused_attention=True, overlap_grad_reduce=False, fused_elementwise=False, persistent_grads=False)
+                if on_gpu else eager_cpu_software(model))
+    breakdown = memory_breakdown(model, layout, software)
     return sum(breakdown.values()) - breakdown["reserved"]
-
 
 if __name__ == "__main__":
     sys.exit(main())
