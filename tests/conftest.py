@@ -38,7 +38,10 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
              "json/encoder.py", "locale.py", "pathlib.py", "pprint.py", "random.py", "shutil.py", "statistics.py",
              "string.py", "textwrap.py", "typing.py", "uuid.py", "warnings.py", "zipfile.py"]
     for name in names:
-        shutil.copy(stdlib / name, folder / name.replace("/", "_"))
+        source = stdlib / name
+        if not source.exists():  # a module that became a package (zipfile in Python 3.12)
+            source = stdlib / name.removesuffix(".py") / "__init__.py"
+        shutil.copy(source, folder / name.replace("/", "_"))
     return folder
 
 

@@ -267,6 +267,48 @@ def test_flex_softcapped_attention_equals_math_attention(kv_heads):
     assert not torch.allclose(math_attention(q, k, v, softcap=2.0), math_attention(q, k, v, softcap=30.0), atol=1e-2)
 
 
+def test_flex_softcapped_attention_runs_and_is_counted_under_the_flop_counter():
+    """The trainer counts a run's first step under FlopCounterMode, where torch.compile does not
+    compile and eager FlexAttention fails: the kernel still gives its output there, and the count
+    holds its FLOPs as torch counts the written-out core's matmuls (both 4 b h s^2 d forward)."""
+    from colossus.account.flopcount import counted_flops
+    from colossus.models.grok import flex_softcapped_attention
+
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 4, 256, 8, generator=g) * 4
+    k, v = (torch.randn(2, 2, 256, 8, generator=g) * 4 for _ in range(2))
+    with torch.no_grad():  # FlexAttention has no CPU backward; tests/test_gpu.py counts the backward
+        plain = flex_softcapped_attention(q, k, v, 30.0, compiled=False)
+        counted_out, counted = counted_flops(lambda: flex_softcapped_attention(q, k, v, 30.0, compiled=False))
+        _, written_out_count = counted_flops(lambda: math_attention(q, k, v, softcap=30.0))
+    torch.testing.assert_close(counted_out, plain, rtol=0, atol=0)
+    assert counted == written_out_count == 4 * 2 * 4 * 256 * 256 * 8
+
+
+def test_attention_outside_dispatch_modes_keeps_gradients_and_counts_the_backward():
+    """The path the FLOP-counted first step takes for a kernel the counter cannot see (written-out
+    attention stands in for FlexAttention, which has no CPU backward): same output and gradients as
+    running it plainly, and forward + backward credited as torch counts a fused attention kernel: 4 b h
+    s^2 d forward, 10 backward (its backward recomputes the scores; written out it is 8)."""
+    from colossus.account.flopcount import attention_outside_dispatch_modes, counted_flops
+
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, heads, 64, 8, generator=g).requires_grad_() for heads in (4, 2, 2))
+    weight = torch.randn(2, 4, 64, 8, generator=g)
+    kernel = lambda q, k, v: math_attention(q, k, v, softcap=5.0)  # noqa: E731
+
+    def step(attend):
+        out = attend(q, k, v)
+        return out, torch.autograd.grad((out * weight).sum(), (q, k, v))
+
+    (plain_out, plain_grads), _ = counted_flops(lambda: step(kernel))
+    (out, grads), counted = counted_flops(lambda: step(lambda *qkv: attention_outside_dispatch_modes(kernel, *qkv)))
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    for ours, reference in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert counted == (4 + 10) * 2 * 4 * 64 * 64 * 8
+
+
 def test_math_attention_first_position_copies_value():
     """The first query can only attend to the first key, so its output is v[0] of its kv head."""
     q, k, v = qkv(heads=4, kv_heads=2)

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from colossus import modelmath
+from colossus.account.flopcount import attention_outside_dispatch_modes
 from colossus.config import ModelConfig
 from colossus.models.moe import MoE, RouterStats, activation
 
@@ -117,8 +119,13 @@ def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex_attention() if compiled else flex_attention
-    return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)),
-                  block_mask=_causal_block_mask(q.shape[-2], str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)),
+                      block_mask=_causal_block_mask(q.shape[-2], str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
+
+    if torch.compiler.is_compiling() or not is_in_torch_dispatch_mode(include_infra_modes=False):
+        return kernel(q, k, v)
+    return attention_outside_dispatch_modes(kernel, q, k, v)  # the trainer's FLOP count of a first step
 
 
 @functools.cache
