@@ -198,7 +198,7 @@ def test_gpu_names_map_to_their_datasheet_rows():
     from colossus.plan.hardware import gpu_from_device_name, gpu_key
 
     expected = {"NVIDIA H100 80GB HBM3": "h100-sxm", "NVIDIA H100 PCIe": "h100-pcie", "NVIDIA H100 NVL": "h100-nvl",
-                "NVIDIA H200": "h200-sxm", "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100-SXM4-80GB": "a100-80gb",
+                "NVIDIA H200": "h200-sxm", "NVIDIA H200 NVL": "h200-nvl", "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100-SXM4-80GB": "a100-80gb",
                 "NVIDIA A100-PCIE-40GB": "a100-pcie-40gb", "NVIDIA A100 80GB PCIe": "a100-pcie-80gb"}
     found = {name: gpu_key(gpu_from_device_name(name)) for name in expected}
     assert found == expected

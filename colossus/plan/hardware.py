@@ -42,6 +42,7 @@ GPUS: dict[str, GPU] = {
     "h100-pcie": GPU("H100 PCIe", 756, 1513, 80, 2.0, 600, 350),  # H100 datasheet (2022), PCIe column
     "h100-nvl": GPU("H100 NVL", 835, 1671, 94, 3.9, 600, 400),  # H100 datasheet (2023), NVL column
     "h200-sxm": GPU("H200 SXM", 989, 1979, 141, 4.8, 900, 700),
+    "h200-nvl": GPU("H200 NVL", 835, 1671, 141, 4.8, 900, 600),  # H200 datasheet (2024), NVL column (2/4-way bridge)
     "h800-sxm": GPU("H800 SXM", 989, 1979, 80, 3.35, 400, 700),
     "b200": GPU("B200", 2250, 4500, 192, 8.0, 1800, 1000),
 }
@@ -71,15 +72,17 @@ NIC_EFFICIENCY = 0.92
 # with all communication and pipeline bubbles, Narayanan et al. 2021, Table 1), and on H100 from the
 # same kernels' ~75% of peak at large sizes (the planner's validation table in the README).
 GEMM_EFFICIENCY = {"a100-40gb": 0.74, "a100-80gb": 0.74, "a100-pcie-40gb": 0.74, "a100-pcie-80gb": 0.74,
-                   "h100-sxm": 0.64, "h100-pcie": 0.64, "h100-nvl": 0.64, "h200-sxm": 0.64, "h800-sxm": 0.64,
+                   "h100-sxm": 0.64, "h100-pcie": 0.64, "h100-nvl": 0.64, "h200-sxm": 0.64, "h200-nvl": 0.64,
+                   "h800-sxm": 0.64,
                    "b200": 0.70}
 DEFAULT_GEMM_EFFICIENCY = 0.72
 
 # Substrings of torch.cuda.get_device_name() -> catalog key, most specific first.
-# torch reports e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL',
-# 'NVIDIA A100-SXM4-40GB', 'NVIDIA A100-PCIE-40GB', 'NVIDIA A100 80GB PCIe'.
-_NAME_HINTS = [("H200", "h200-sxm"), ("H800", "h800-sxm"), ("H100 PCIe", "h100-pcie"), ("H100 NVL", "h100-nvl"),
-               ("H100", "h100-sxm"), ("B200", "b200"), ("A100-SXM4-40GB", "a100-40gb"),
+# torch reports e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200'
+# (the SXM part: seen on a lent machine), 'NVIDIA H200 NVL', 'NVIDIA A100-SXM4-40GB', 'NVIDIA A100-PCIE-40GB',
+# 'NVIDIA A100 80GB PCIe'.
+_NAME_HINTS = [("H200 NVL", "h200-nvl"), ("H200", "h200-sxm"), ("H800", "h800-sxm"), ("H100 PCIe", "h100-pcie"),
+               ("H100 NVL", "h100-nvl"), ("H100", "h100-sxm"), ("B200", "b200"), ("A100-SXM4-40GB", "a100-40gb"),
                ("A100-PCIE-40GB", "a100-pcie-40gb"), ("A100 80GB PCIe", "a100-pcie-80gb"), ("A100", "a100-80gb")]
 
 
