@@ -1,7 +1,9 @@
 """Counting a step's FLOPs with torch.utils.flop_counter, to cross-check the model math.
 
 FlopCounterMode knows matmuls and attention but not torch._grouped_mm (the MoE experts' kernel), so
-its formula is registered here: a grouped matmul does the work of one matmul over all its rows.
+its formula is registered here: a grouped matmul does the work of one matmul over all its rows. A
+compiled FlexAttention kernel cannot run inside the counter: attention_outside_dispatch_modes runs it
+beside the counter and credits its FLOPs.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def _query_shaped(q: torch.Tensor, kv: torch.Tensor) -> tuple[int, ...]:
 
 
 class _OutsideDispatchModes(torch.autograd.Function):
+    """The kernel's own autograd graph, built and run outside the modes, as one node of the outer graph."""
+
     @staticmethod
     def forward(ctx, kernel, counters, q, k, v):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
