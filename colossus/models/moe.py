@@ -134,15 +134,16 @@ class MoE(nn.Module):
         gates, experts, stats = self.route(x)
 
         # Sort the N*k (token, expert) slots by expert; a stable sort keeps token order within an expert.
-        flat_experts = experts.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
+        sorted_experts, order = torch.sort(experts.reshape(-1), stable=True)
         token_of_slot = order // cfg.top_k
-        counts = torch.bincount(flat_experts, minlength=cfg.n_experts)
+        # Slots per expert, from where each id starts in the sorted list (bincount would read the ids'
+        # min and max back to the host: two syncs per layer on a GPU).
+        ids = torch.arange(cfg.n_experts + 1, device=x.device, dtype=sorted_experts.dtype)
+        counts = torch.searchsorted(sorted_experts, ids).diff()
         slot_gates = gates.reshape(-1)[order]
         if cfg.capacity_factor > 0:
             # Drop the slots past each expert's capacity (earliest tokens win), as GShard does.
             capacity = math.ceil(cfg.capacity_factor * x.shape[0] * cfg.top_k / cfg.n_experts)
-            sorted_experts = flat_experts[order]
             group_starts = torch.cumsum(counts, dim=0) - counts
             rank_in_expert = torch.arange(order.numel(), device=x.device) - group_starts[sorted_experts]
             slot_gates = slot_gates * (rank_in_expert < capacity)
