@@ -218,6 +218,42 @@ def profile_steps(shape: str, mode: str, steps: int = 3, warmup: int = 3) -> dic
     return per_step
 
 
+# GPU kernels by name: the first category whose word is in the kernel's name (cuBLAS, CUTLASS and
+# cuDNN GEMMs, the flash / cuDNN / FlexAttention attention kernels, inductor's Triton kernels).
+KERNEL_CATEGORIES = (("attention kernel", ("flash", "fmha", "flex", "attention")),
+                     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "grouped_mm")),
+                     ("compiled kernels", ("triton",)))
+
+
+def gpu_profile_steps(shape: str, mode: str, steps: int = 3, warmup: int = 3) -> dict:
+    """GPU seconds per step by kernel category (torch.profiler's device time), the time the GPU sat
+    idle within the steps (waiting for the host), and the kernels that took the most time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _, run_step = build_training(shape, mode, device_type="cuda")
+    for index in range(warmup):
+        run_step(index)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        begin = time.perf_counter()
+        for index in range(steps):
+            run_step(warmup + index)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - begin) / steps
+    kernels = {event.key: event.self_device_time_total / 1e6 / steps for event in prof.key_averages()
+               if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0}
+    per_step: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        lowered = name.lower()
+        category = next((label for label, words in KERNEL_CATEGORIES if any(w in lowered for w in words)), "other")
+        per_step[category] = per_step.get(category, 0.0) + seconds
+    per_step["idle"] = max(wall - sum(per_step.values()), 0.0)
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
+    return {"seconds": per_step, "step_s": wall, "top_kernels": [[name[:90], seconds] for name, seconds in top]}
+
+
 def gpu_datasheet_peak() -> tuple[float, str]:
     """The visible GPU's dense BF16 datasheet peak (what the trainer's MFU uses) and its name."""
     import torch
@@ -280,7 +316,8 @@ def main() -> int:
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", metavar="SHAPE/MODE/AC,...", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="instead: where each (shape, mode)'s step time goes "
-                        "(torch.profiler), and the ceiling if only matmuls and the attention kernel took time")
+                        "(torch.profiler): on cpu with the ceiling if only matmuls and the attention kernel took "
+                        "time; on cuda by kernel category, idle GPU and the costliest kernels")
     parser.add_argument("--profile-worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--gpu-memory-worker", metavar="SHAPE/MODE/AC", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -293,7 +330,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
         if args.worker:
             print(json.dumps(train_steps(*args.worker, args.steps, args.warmup, batch=args.batch, device_type=args.device)))
-        if args.profile_worker:
+        if args.profile_worker and args.device == "cuda":
+            print(json.dumps(gpu_profile_steps(*args.profile_worker, warmup=args.warmup)))
+        elif args.profile_worker:
             print(json.dumps(profile_steps(*args.profile_worker, warmup=args.warmup)))
         cases = [case.split("/") for case in args.memory_worker.split(",")] if args.memory_worker else []
         if cases:
@@ -310,8 +349,8 @@ def main() -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA GPU is visible here; run on a GPU machine or drop --device")
-        if args.profile or args.peer:
-            parser.error("--profile and --peer measure the CPU; drop them with --device cuda")
+        if args.peer:
+            parser.error("--peer measures the CPU; drop it with --device cuda")
     shapes = [s for s in (args.shapes or ",".join(GPU_SHAPES if on_gpu else CPU_SHAPES)).split(",") if s]
     modes = [m for m in (",".join(GPU_MODES if on_gpu else MODES) if args.modes is None else args.modes).split(",") if m]
     ac_modes = [a for a in args.ac.split(",") if a]
@@ -319,6 +358,8 @@ def main() -> int:
         unknown = [v for v in value if v not in known]
         if unknown:
             parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    if args.profile and on_gpu:
+        return print_gpu_profiles(shapes, modes, args.threads, args.warmup, args.json)
     if args.profile:
         return print_profiles(shapes, modes, args.threads, args.warmup)
     peak_before, peak_name = gpu_datasheet_peak() if on_gpu else (gemm_peak(args.threads), "")
@@ -407,6 +448,32 @@ def print_profiles(shapes: list[str], modes: list[str], threads: int, warmup: in
     print("matmul: aten mm/bmm/grouped_mm; attn: the CPU flash-attention kernel (forward + backward); compiled: "
           "inductor's fused element-wise kernels; ceiling: tokens/s with all but matmul and attn free")
     print("reproduce: python bench/throughput.py --profile --modes " + ",".join(modes))
+    return 0
+
+
+def print_gpu_profiles(shapes: list[str], modes: list[str], threads: int, warmup: int, as_json: bool) -> int:
+    """Per (shape, mode): where a GPU step's time goes (kernel categories and idle GPU) and its
+    costliest kernels, each (shape, mode) in a fresh process."""
+    results = []
+    for shape in shapes:
+        for mode in modes:
+            try:
+                row = run_python(["--profile-worker", shape, mode, "--device", "cuda", "--threads", str(threads),
+                                  "--warmup", str(warmup)])[0]
+            except RuntimeError as failure:
+                print(failure, file=sys.stderr)
+                continue
+            results.append({"shape": shape, "mode": mode, **row})
+    if as_json:
+        print(json.dumps({"device": "cuda", "profiles": results}, indent=1))
+        return 0
+    for row in results:
+        step, seconds = row["step_s"], row["seconds"]
+        shares = "  ".join(f"{key} {value / step:.0%}" for key, value in sorted(seconds.items(), key=lambda kv: -kv[1]))
+        print(f"{row['shape']} {row['mode']}: {step * 1e3:.1f} ms per step: {shares}")
+        for name, kernel_s in row["top_kernels"]:
+            print(f"  {kernel_s * 1e3:8.2f} ms  {name}")
+    print("reproduce: python bench/throughput.py --device cuda --profile --modes " + ",".join(modes))
     return 0
 
 

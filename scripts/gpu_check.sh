@@ -4,7 +4,7 @@
 # compiled), the GPU tests and the peak memory. Each part has its own time limit and no part starts
 # after BUDGET_S seconds, so a lease that runs out still returns everything measured until then.
 # Results go to $OUT (or ./gpu-check): log.txt (everything), bench_gpu.jsonl (one benchmark JSON per
-# line), gpu_tests.log.
+# line), gpu_tests.log, profile_gpu.txt (where a compiled step's GPU time goes, costliest kernels).
 set -uo pipefail
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
@@ -41,11 +41,15 @@ bench() {
     --json "$@" 2>>"$log" | python3 -c 'import json, sys; text = sys.stdin.read(); text.strip() and print(json.dumps(json.loads(text)))' >>"$out/bench_gpu.jsonl"
 }
 
+profile() {
+  python3 bench/throughput.py --device cuda --profile --modes compiled --warmup 3 2>>"$log" | tee "$out/profile_gpu.txt" >>"$log"
+}
+
 tests() {
   python3 -m pytest -q --tb=short -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tee -a "$log"
 }
 export out log steps
-export -f bench tests
+export -f bench tests profile
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
@@ -56,6 +60,7 @@ part "GPU tests" 200 tests
 part "bench dense1b compiled" 150 bench dense1b compiled --ac ""
 part "bench moe1b compiled" 150 bench moe1b compiled --ac ""
 part "peak memory" 80 bench dense1b,moe1b "" --ac none
+part "profile (compiled)" 120 profile
 part "bench dense1b sdpa" 60 bench dense1b sdpa --ac ""
 part "bench moe1b sdpa" 60 bench moe1b sdpa --ac ""
 

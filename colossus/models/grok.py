@@ -119,6 +119,7 @@ def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex_attention() if compiled else flex_attention
+
     def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)),
                       block_mask=_causal_block_mask(q.shape[-2], str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
