@@ -227,7 +227,8 @@ KERNEL_CATEGORIES = (("attention kernel", ("flash", "fmha", "flex", "attention")
 
 def gpu_profile_steps(shape: str, mode: str, steps: int = 3, warmup: int = 3) -> dict:
     """GPU seconds per step by kernel category (torch.profiler's device time), the time the GPU sat
-    idle within the steps (waiting for the host), and the kernels that took the most time."""
+    idle within the steps (waiting for the host, whose work the profiler itself slows somewhat), and
+    the kernels that took the most time."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -478,8 +479,8 @@ def print_gpu_profiles(shapes: list[str], modes: list[str], threads: int, warmup
 
 
 def predicted_peak_bytes(shape: str, recompute: str, batch: int = BATCH, device_type: str = "cpu") -> float:
-    """The planner's peak for one process training the shape with eager PyTorch: SDPA (or FlexAttention
-    on a GPU) where the soft-cap is off, norms and activations unfused, gradients freed by zero_grad;
+    """The planner's peak for one process training the shape with eager PyTorch: SDPA where the soft-cap
+    is off (FlexAttention where it is on, on a GPU), norms and activations unfused, gradients freed by zero_grad;
     fp32 on a CPU, bf16 on a GPU (the planner's 2 + 4 + 12 bytes of state per parameter equal ours
     there: fp32 weights, gradients and moments, 16, plus autocast's bf16 weight copies, 2). "reserved"
     (the CUDA context, not counted by torch.cuda.max_memory_allocated) is left out."""
