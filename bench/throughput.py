@@ -225,6 +225,16 @@ KERNEL_CATEGORIES = (("attention kernel", ("flash", "fmha", "flex", "attention")
                      ("compiled kernels", ("triton",)))
 
 
+def kernel_categories(kernels: dict[str, float]) -> dict[str, float]:
+    """Seconds per KERNEL_CATEGORIES label (or "other") of {kernel name: seconds}."""
+    totals: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        lowered = name.lower()
+        category = next((label for label, words in KERNEL_CATEGORIES if any(w in lowered for w in words)), "other")
+        totals[category] = totals.get(category, 0.0) + seconds
+    return totals
+
+
 def gpu_profile_steps(shape: str, mode: str, steps: int = 3, warmup: int = 3) -> dict:
     """GPU seconds per step by kernel category (torch.profiler's device time), the time the GPU sat
     idle within the steps (waiting for the host, whose work the profiler itself slows somewhat), and
@@ -245,11 +255,7 @@ def gpu_profile_steps(shape: str, mode: str, steps: int = 3, warmup: int = 3) ->
         wall = (time.perf_counter() - begin) / steps
     kernels = {event.key: event.self_device_time_total / 1e6 / steps for event in prof.key_averages()
                if event.device_type == DeviceType.CUDA and event.self_device_time_total > 0}
-    per_step: dict[str, float] = {}
-    for name, seconds in kernels.items():
-        lowered = name.lower()
-        category = next((label for label, words in KERNEL_CATEGORIES if any(w in lowered for w in words)), "other")
-        per_step[category] = per_step.get(category, 0.0) + seconds
+    per_step = kernel_categories(kernels)
     per_step["idle"] = max(wall - sum(per_step.values()), 0.0)
     top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
     return {"seconds": per_step, "step_s": wall, "top_kernels": [[name[:90], seconds] for name, seconds in top]}

@@ -30,6 +30,17 @@ def test_cuda_without_a_gpu_is_a_one_line_error():
     assert "no CUDA GPU is visible" in run.stderr.splitlines()[-1]
 
 
+def test_gpu_profile_sorts_kernels_by_what_they_do():
+    """Kernel names as torch.profiler reports them on a Hopper GPU go to their category; the
+    element-wise kernels ATen launches eagerly are "other"."""
+    kernels = {"nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT": 5.0, "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": 4.0,
+               "void cutlass::device_kernel<GroupedGemm<...>>": 3.0, "pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel": 2.0,
+               "triton_tem_fused_flex_attention_0": 1.5, "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": 1.0,
+               "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": 0.5}
+    assert BENCH.kernel_categories(kernels) == {"matmul": 12.0, "attention kernel": 3.5, "compiled kernels": 1.0,
+                                                "other": 0.5}
+
+
 def test_additive_mask_attention_is_bit_identical_to_masked_fill():
     """bench/attention_core.py's baseline: masking with an added -inf bias (one pass that also applies
     the cap's factor) changes no bit of the outputs or gradients, with and without the cap."""
