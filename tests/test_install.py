@@ -1,0 +1,56 @@
+"""The install is complete: every module of the package imports, and so does every module any of
+them imports later, inside a function (plots, TensorBoard). Run in CI's fresh virtual environment,
+a dependency missing from pyproject.toml fails here with its name."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import colossus
+from conftest import REPO
+
+PACKAGE = Path(colossus.__file__).parent
+
+
+def package_modules() -> list[str]:
+    """Every module under colossus/ but the `python -m` entry points (importing one runs the CLI)."""
+    found = pkgutil.walk_packages([str(PACKAGE)], prefix="colossus.")
+    return sorted(info.name for info in found if not info.name.endswith(".__main__"))
+
+
+def imported_elsewhere() -> set[str]:
+    """Every module named by an import statement anywhere under colossus/, outside the package and
+    the standard library: the ones a function imports only when it runs, too."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+    return {name for name in names if name.split(".")[0] not in sys.stdlib_module_names | {"colossus", "__future__"}}
+
+
+@pytest.mark.parametrize("module", package_modules())
+def test_every_module_imports(module: str) -> None:
+    importlib.import_module(module)
+
+
+def test_every_third_party_import_is_installed_and_declared() -> None:
+    needed = imported_elsewhere()
+    assert {"torch", "numpy", "matplotlib", "rich"} <= {name.split(".")[0] for name in needed}  # the scan sees them
+    for name in sorted(needed):
+        importlib.import_module(name)  # ModuleNotFoundError names what the install lacks
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    distributions = {requirement.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_")
+                     for requirement in declared}
+    # torch.utils.tensorboard needs the tensorboard distribution; the others carry their module's name.
+    top_level = {name.split(".")[0] for name in needed} | ({"tensorboard"} if "torch.utils.tensorboard" in needed else set())
+    assert top_level <= distributions, f"imported but not in pyproject.toml dependencies: {sorted(top_level - distributions)}"
