@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -418,7 +417,7 @@ def main() -> int:
             print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f} {r['predicted_bytes'] / 2**20:11.0f} "
                   f"{r['predicted_bytes'] / r['peak_bytes'] - 1:+7.1%}")
     elif memory:
-        print(f"\npeak memory of an eager step above the process's start, vs the planner's memory model")
+        print("\npeak memory of an eager step above the process's start, vs the planner's memory model")
         print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12} {'planner MiB':>11} {'error':>7}")
         for r in memory:
             print(f"{r['shape']:10} {r['ac']:9} {r['peak_bytes'] / 2**20:12.0f} {r['predicted_bytes'] / 2**20:11.0f} "

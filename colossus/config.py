@@ -19,45 +19,8 @@ from typing import Any
 import tomli_w
 
 from colossus.errors import UserError
-
-FFN_TYPES = ("geglu", "swiglu", "gelu")
-NORM_PLACEMENTS = ("sandwich", "pre")
-
-
-@dataclass
-class ModelConfig:
-    """The single description of a model: the model builder, the trainer's MFU, the planner and the
-    ledger all read it (through colossus.modelmath for any number derived from it)."""
-
-    name: str = "tiny"
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 64
-    ffn_dim: int = 512
-    ffn_type: str = "geglu"
-    n_experts: int = 8
-    top_k: int = 2
-    vocab_size: int = 256
-    seq_len: int = 256
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    attn_softcap: float = 30.0  # c in c*tanh(x/c); 0 disables and uses fused SDPA
-    embedding_multiplier: float = 16.0  # Grok-1: sqrt(d_model)
-    output_multiplier: float = 0.5773502691896257  # Grok-1: 1/sqrt(3)
-    norm: str = "sandwich"
-    norm_eps: float = 1e-5
-    router_renormalize: bool = False  # Grok-1 gates are the plain softmax probabilities
-    moe_aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4)
-    moe_z_loss_coef: float = 0.001  # router z-loss (Zoph et al. 2022, ST-MoE, eq. 5)
-    capacity_factor: float = 0.0  # 0 = dropless; otherwise tokens per expert <= cf * tokens * top_k / experts
-    init_std: float = 0.02
-
-    @property
-    def is_moe(self) -> bool:
-        return self.n_experts > 1
-
+from colossus.modelconfig import FFN_TYPES, NORM_PLACEMENTS, ModelConfig
+from colossus.models.presets import get_preset
 
 @dataclass
 class DataConfig:
@@ -224,8 +187,6 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def config_from_dict(tables: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig from TOML-shaped tables. A [model] `preset` key starts the
     model from a named preset; the other [model] keys then override its fields."""
-    from colossus.models.presets import get_preset  # presets import this module
-
     config = RunConfig()
     for name, values in tables.items():
         if name not in SECTIONS:

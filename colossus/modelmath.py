@@ -17,7 +17,7 @@ Conventions
 
 from __future__ import annotations
 
-from colossus.config import ModelConfig
+from colossus.modelconfig import ModelConfig
 
 # FFN weight matrices per expert: gated units (GeGLU, SwiGLU) have gate, up and down projections.
 _FFN_MATRICES = {"geglu": 3, "swiglu": 3, "gelu": 2}

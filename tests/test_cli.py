@@ -15,8 +15,7 @@ import pytest
 from colossus import modelmath
 from colossus.cli import EXIT_USER_ERROR, main
 from colossus.models.presets import PRESETS
-from conftest import REPO, small_config, small_tables, write_toml
-from colossus.train.trainer import train
+from conftest import REPO, small_tables, write_toml
 
 
 def colossus(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from colossus.train.checkpoint import verify
 from colossus.train.guards import EXIT_HUNG, EXIT_PREEMPTED
 from colossus.train.trainer import train
 from conftest import REPO, small_config, small_tables, write_toml
+from ranks import check, torchrun as torchrun_with_logs
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -149,9 +150,9 @@ def test_hang_watchdog_exits_with_stacks(tmp_path: Path) -> None:
 RESTART_STEPS = 30
 
 
-def torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--max-restarts=2", "--monitor-interval=0.2"]
+def torchrun(nproc: int, folder: Path) -> list[str]:
+    """torchrun that restarts a failed job twice, each rank's output of each attempt in folder/logs."""
+    return torchrun_with_logs(nproc, folder / "logs", "--standalone", "--max-restarts=2", "--monitor-interval=0.2")
 
 
 def restart_config(folder: Path, corpus_dir: Path, parallel: dict, faults: dict | None = None) -> Path:
@@ -169,9 +170,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path):
         key = (nproc, json.dumps(parallel, sort_keys=True))
         if key not in finals:
             folder = tmp_path_factory.mktemp("uninterrupted")
-            job = run_cli([str(restart_config(folder, corpus_dir, parallel)), "--out", "run"], folder, torchrun(nproc))
+            job = run_cli([str(restart_config(folder, corpus_dir, parallel)), "--out", "run"], folder,
+                          torchrun(nproc, folder))
             output, _ = job.communicate(timeout=600)
-            assert job.returncode == 0, output[-3000:]
+            check(job.returncode, output, folder / "logs")
             finals[key] = losses(folder / "run")[RESTART_STEPS]["loss"]
         return finals[key]
 
@@ -185,14 +187,14 @@ def test_sigkill_of_a_rank_under_torchrun_restarts_bit_identical(tmp_path: Path,
     the newest checkpoint and its final loss equals the uninterrupted run's bit for bit."""
     config = restart_config(tmp_path, corpus_dir, parallel)
     run = tmp_path / "run"
-    job = run_cli([str(config), "--out", "run"], tmp_path, torchrun(nproc))
+    job = run_cli([str(config), "--out", "run"], tmp_path, torchrun(nproc, tmp_path))
     wait_for_step(run, 13)  # after checkpoint 10, before 20
     workers = subprocess.run(["pgrep", "-f", f"colossus.train {config} --out run"], capture_output=True, text=True)
     pids = [int(p) for p in workers.stdout.split() if int(p) != job.pid]
     assert len(pids) == nproc, workers.stdout
     os.kill(max(pids), signal.SIGKILL)
     output, _ = job.communicate(timeout=600)
-    assert job.returncode == 0, output[-3000:]
+    check(job.returncode, output, tmp_path / "logs")
     resumes = events(run, "resume")
     assert resumes and resumes[0]["step"] in (10, 20) and resumes[0]["restart"] == 1
     assert losses(run)[RESTART_STEPS]["loss"] == uninterrupted(nproc, parallel)
@@ -203,9 +205,9 @@ def test_sigkill_during_checkpoint_write_uses_the_previous_one(tmp_path: Path, c
     restarted job ignores the half-written folder, resumes from 10, and ends bit-identical."""
     config = restart_config(tmp_path, corpus_dir, {}, faults={"inject_kill_in_save_at_step": 20})
     run = tmp_path / "run"
-    job = run_cli([str(config), "--out", "run"], tmp_path, torchrun(2))
+    job = run_cli([str(config), "--out", "run"], tmp_path, torchrun(2, tmp_path))
     output, _ = job.communicate(timeout=600)
-    assert job.returncode == 0, output[-3000:]
+    check(job.returncode, output, tmp_path / "logs")
     assert [(e["step"], e["restart"]) for e in events(run, "resume")] == [(10, 1)]
     assert [e["step"] for e in events(run, "checkpoint")].count(20) == 2  # started, killed; then again
     assert not list((run / "checkpoints").glob(".*partial"))  # the leftover was replaced by the new save

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from colossus.config import ModelConfig, ParallelConfig, TrainConfig
 from colossus.errors import UserError
 from colossus.parallel.layout import Layout, check_layout_fits, resolve_layout
 from conftest import REPO, small_tables, write_toml
+from ranks import finish as finish_ranks, rank_stderr, torchrun as launcher
 
 STEPS = 10
 LAYOUTS = {
@@ -44,18 +46,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 4, extra: list[str] | None = None) -> subprocess.Popen:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    launcher += extra if extra is not None else ["--standalone"]
+def torchrun(args: list[str], cwd: Path, nproc: int = 4) -> subprocess.Popen:
+    """`colossus.train ARGS` under torchrun on this machine, each rank's output in a cwd/logs-* folder."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*launcher, "-m", "colossus.train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = Path(tempfile.mkdtemp(dir=cwd, prefix="logs-"))
+    return subprocess.Popen([*launcher(nproc, logs, "--standalone"), "-m", "colossus.train", *args], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-3000:]
-    return output
+    """The job's output; a failure names the first failed rank and its own error."""
+    return finish_ranks(process, Path(process.args[process.args.index("--log-dir") + 1]))
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +123,14 @@ def test_two_agents_as_two_nodes(runs: dict[str, Path]) -> None:
     assert printed.returncode == 0, printed.stderr
     command = printed.stdout.strip().splitlines()[-1]
     assert command.startswith("torchrun ") and "--nnodes=2" in command and f"127.0.0.1:{port}" in command
-    agents = [subprocess.Popen(command, shell=True, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True) for _ in range(2)]
-    for agent in agents:
-        finish(agent)
+    logs = [root / f"logs-agent-{agent}" for agent in range(2)]
+    # This interpreter's torchrun (a virtual environment's bin/ need not be on PATH), with per-rank logs.
+    launcher = f"{sys.executable} -m torch.distributed.run --log-dir {{}} --redirects 3 --tee 3 "
+    agents = [subprocess.Popen(command.replace("torchrun ", launcher.format(log), 1),
+                               shell=True, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for log in logs]
+    for agent, log in zip(agents, logs):
+        finish_ranks(agent, log)
     one_agent, two_agents = losses(runs["dp_shard=4"]), losses(root / "two-nodes")
     for step in range(1, STEPS + 1):
         assert two_agents[step]["loss"] == pytest.approx(one_agent[step]["loss"], rel=1e-6)
@@ -188,8 +193,11 @@ def test_world_size_mismatch_fails_before_building(tmp_path: Path, corpus_dir: P
     process = torchrun([str(config), "--out", "r", "--set", "parallel.dp_shard=4"], tmp_path, nproc=2)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
-    errors = [line for line in output.splitlines() if line.startswith("colossus train: error:")]
-    assert len(errors) == 2 and all("4 processes, but 2 were launched" in line for line in errors)
+    logs = Path(process.args[process.args.index("--log-dir") + 1])
+    for rank in range(2):
+        lines = rank_stderr(logs, rank).splitlines()
+        assert len(lines) == 1 and lines[0].startswith("colossus train: error:"), lines
+        assert "4 processes, but 2 were launched" in lines[0]
     assert "colossus/" not in output  # torchrun reports the failed workers, but no frame of ours shows
     assert not (tmp_path / "r").exists()
 

@@ -15,7 +15,7 @@ from colossus import modelmath
 from colossus.config import ModelConfig, config_from_dict
 from colossus.errors import UserError
 from colossus.models.presets import get_preset
-from colossus.plan.cluster import Cluster, get_cluster
+from colossus.plan.cluster import get_cluster
 from colossus.plan.costmodel import Layout, Machine, all_reduce_time, memory_breakdown, predict
 from colossus.plan.hardware import GPUS
 from colossus.plan.search import LAYOUT_KEYS, candidates, parse_layout, search

@@ -9,27 +9,23 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import REPO
+from ranks import check as check_ranks, torchrun
 
 TOL = 1e-4  # relative, per step: losses and gradient norms
 WEIGHT_TOL = 1e-3  # relative norm of the difference of each weight after 5 AdamW steps
 
 
 def run_worker(tmp_path: Path, nproc: int, dp: int, tp: int, cases: list[str]) -> dict:
-    out = tmp_path / f"tp-{dp}x{tp}.json"
+    out, logs = tmp_path / f"tp-{dp}x{tp}.json", tmp_path / "logs"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               str(REPO / "tests" / "tp_worker.py"), "--dp", str(dp), "--tp", str(tp), "--out", str(out),
-               "--cases", *cases]
+    command = [*torchrun(nproc, logs, "--standalone"), str(REPO / "tests" / "tp_worker.py"), "--dp", str(dp),
+               "--tp", str(tp), "--out", str(out), "--cases", *cases]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    assert "error" not in results, results["error"]
-    assert result.returncode == 0 and results, result.stderr[-4000:]
+    check_ranks(result.returncode, result.stdout + result.stderr, logs)
+    results = json.loads(out.read_text())
     assert sorted(results) == sorted(cases)
     return results
 

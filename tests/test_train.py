@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tomllib
 
-from colossus.config import config_from_dict, config_to_dict
+from colossus.config import config_from_dict
 from colossus.train.trainer import train
 from conftest import REPO, small_config, small_tables, write_toml
 

@@ -15,7 +15,6 @@ from earlier segments are read back and kept.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from colossus.account.thresholds import Threshold, evaluate
 from colossus.errors import UserError
+from colossus.files import write_atomic
 
 LEDGER = "ledger.json"
 # A CPU's share of package power per busy thread (an assumption: ~10 W per core for a server CPU
@@ -174,9 +174,7 @@ class Ledger:
                 "lost_tokens": lost, "lost_model_flops": lost * r.model_flops_per_token}
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.to_json(), indent=1))
 
 
 def parent_lineage(parent_run: Path) -> dict[str, Any]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from colossus.errors import UserError
+from colossus.files import atomic_file, write_atomic
 
 # Events worth a line on the loss curve, with their colours.
 MARKED_EVENTS = {"resume": "C2", "rollback": "C3", "preempted": "C1", "hang": "C3", "threshold_crossed": "C4",
@@ -69,10 +69,9 @@ def make_figures(run: Path, records: RunRecords) -> None:
 
     def save(fig, name: str, caption: str) -> None:
         fig.tight_layout()
-        tmp = run / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        with atomic_file(run / name) as handle:
+            fig.savefig(handle, dpi=110, format="png")
         plt.close(fig)
-        os.replace(tmp, run / name)
         records.figures.append((name, caption))
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -217,7 +216,7 @@ def write_report(run: Path) -> tuple[Path, Path]:
                _markdown_table(["name", "limit", "counts", "status", "this run", "what it asks"], _threshold_rows(ledger)), ""]
     md += ["## Configuration", "", "```toml", records.config.strip(), "```", ""]
     md_path = run / "report.md"
-    _atomic(md_path, "\n".join(md))
+    write_atomic(md_path, "\n".join(md))
 
     parts = [f"<h1>Run report: {html.escape(run.name)}</h1>", _html_table(["", ""], overview)]
     for name, caption in records.figures:
@@ -239,12 +238,6 @@ def write_report(run: Path) -> tuple[Path, Path]:
              "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}"
              "img{max-width:100%}figcaption{color:#555;font-size:.9rem}")
     html_path = run / "report.html"
-    _atomic(html_path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
+    write_atomic(html_path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.name)}</title>"
                        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
     return md_path, html_path
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -1,19 +1,16 @@
 """Where derived data (trained tokenizers, token shards) lives, and how it is written safely.
 
-Everything in the cache can be rebuilt from the corpus, so files are only ever replaced whole:
-written to a temporary name in the same folder and renamed with os.replace, which is atomic on
-POSIX. Readers therefore see either the old file or the new one, never a half-written one.
+Everything in the cache can be rebuilt from the corpus, so files are only ever replaced whole
+(colossus.files): readers see either the old file or the new one, never a half-written one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 from colossus.config import DataConfig
 from colossus.errors import UserError
@@ -66,23 +63,3 @@ def file_lock(path: Path) -> Iterator[None]:
         finally:
             if fcntl is not None:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Yield a binary file that appears at `path` only once the block finished without error."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)  # only ever our own temporary file
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as handle:
-        handle.write(data)

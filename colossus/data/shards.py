@@ -18,7 +18,8 @@ from typing import IO, Any
 import numpy as np
 
 from colossus.config import DataConfig
-from colossus.data.cache import atomic_file, atomic_write_bytes, cache_root, file_lock, make_dir, short_hash
+from colossus.data.cache import cache_root, file_lock, make_dir, short_hash
+from colossus.files import atomic_file, write_atomic
 from colossus.data.corpus import corpus_fingerprint, is_validation, iter_documents
 from colossus.data.tokenizer import Tokenizer, build_tokenizer
 from colossus.errors import UserError
@@ -115,7 +116,7 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, folder: Path)
         "val_docs": val.docs,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    write_atomic(folder / "meta.json", json.dumps(meta, indent=1) + "\n")
     log.info("tokenized %d train / %d val tokens in %.1f s", train.tokens, val.tokens, meta["seconds"])
     return meta
 

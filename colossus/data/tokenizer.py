@@ -15,7 +15,8 @@ import numpy as np
 import tokenizers
 
 from colossus.config import DataConfig
-from colossus.data.cache import atomic_write_bytes, cache_root, file_lock, make_dir, short_hash
+from colossus.data.cache import cache_root, file_lock, make_dir, short_hash
+from colossus.files import write_atomic
 from colossus.data.corpus import corpus_fingerprint, is_validation, iter_documents
 from colossus.errors import UserError
 
@@ -149,7 +150,7 @@ def bpe_tokenizer(cfg: DataConfig, vocab_size: int) -> HFTokenizer:
         if not path.is_file():
             log.info("training a %d-token BPE on %s (cached at %s)", vocab_size, cfg.source, path)
             trained = _train_bpe(cfg, vocab_size)
-            atomic_write_bytes(path, trained.to_str().encode("utf-8"))
+            write_atomic(path, trained.to_str())
     return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), name=f"bpe-{vocab_size}", eos_token=BPE_EOS)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from colossus.config import ModelConfig
+from colossus.modelconfig import ModelConfig
 from colossus.errors import UserError
 
 

@@ -121,12 +121,13 @@ class MachineProfile:
 
     def save(self, path: Path) -> None:
         """Write as JSON, atomically: a reader sees the old profile or the new one, never half."""
-        from colossus.data.cache import atomic_write_bytes, make_dir
+        from colossus.data.cache import make_dir
+        from colossus.files import write_atomic
 
         path = Path(path)
         make_dir(path.parent)
         try:
-            atomic_write_bytes(path, (json.dumps(asdict(self), indent=1) + "\n").encode())
+            write_atomic(path, json.dumps(asdict(self), indent=1) + "\n")
         except OSError as exc:
             raise UserError(f"cannot write machine profile {path} ({exc.strerror}); choose another --out") from None
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from colossus.errors import UserError
+from colossus.files import write_atomic
 
 COMMITTED = "COMMITTED"
 MANIFEST = "manifest.json"
@@ -75,7 +76,7 @@ def write_manifest(folder: Path, step: int, extra: dict[str, Any]) -> None:
         if path.is_file() and path.name not in (MANIFEST, COMMITTED):
             files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "blake2b": file_checksum(path)}
     manifest = {"step": step, "files": files, **extra}
-    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify(folder: Path) -> str | None:
@@ -99,15 +100,6 @@ def verify(folder: Path) -> str | None:
 
 def _is_coordinator() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -244,7 +236,7 @@ class Checkpointer:
             os.kill(os.getpid(), signal.SIGKILL)
         try:
             write_manifest(save.partial, save.step, save.extra)
-            _write_atomic(save.partial / COMMITTED, f"{save.step}\n")
+            write_atomic(save.partial / COMMITTED, f"{save.step}\n")
             if save.final.exists():  # a checkpoint of this step from an earlier attempt: replace it whole
                 shutil.rmtree(save.final)
             os.replace(save.partial, save.final)

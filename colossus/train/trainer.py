@@ -31,6 +31,7 @@ from colossus.config import RunConfig, TrainConfig, config_to_dict, config_to_to
 from colossus.data import PrefetchingLoader, TokenLoader, make_loader, prepare_tokens, validation_batches
 from colossus.data.cache import cache_root
 from colossus.errors import UserError
+from colossus.files import write_atomic
 from colossus.models.grok import Transformer, build_model
 from colossus.parallel.parallelize import clip_grad_norm, parallelize
 from colossus.parallel.runtime import Runtime, setup_runtime
@@ -214,12 +215,6 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in folder `out`; returns the run summary (also saved as summary.json)."""
     out = Path(out)
@@ -280,7 +275,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         lineage = {**parent_lineage(parent), "step": parent_step}
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.toml", config_to_toml(config))
+        write_atomic(out / "config.toml", config_to_toml(config))
     logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard, enabled=runtime.is_main)
     ledger = Ledger.open(out, ledger_rates(config, runtime), thresholds)
     if lineage is not None and not ledger.segments:
@@ -472,7 +467,7 @@ def _train(config: RunConfig, out: Path, runtime: Runtime) -> dict[str, Any]:
         summary["sample"] = sample_text(model, data.tokenizer, config, device)
         logger.print(f"sample:\n{summary['sample']}")
     if runtime.is_main:
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
