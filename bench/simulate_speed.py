@@ -20,10 +20,9 @@ import time
 import numpy as np
 
 from colossus.plan.simulate import Scenario, daly_interval, simulate
-from colossus.plan.simulate_command import add_parser, plan_phase
 from colossus.plan.cluster import get_cluster
-from colossus.plan.command import load_model
-from colossus.plan.failures import FailureModel
+from colossus.plan.planner import load_model
+from colossus.plan.simulation import SimulationOptions, plan_phase
 
 
 def python_loop(scenario: Scenario, interval: float, horizon: float, seed: int) -> float:
@@ -61,10 +60,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    options = argparse.ArgumentParser()
-    add_parser(options.add_subparsers())
-    sim_args = options.parse_args(["simulate", "--cluster", "colossus-200k", "--days", str(args.days)])
-    phase = plan_phase(load_model("grok-1"), get_cluster("colossus-200k"), "", FailureModel.llama3(), sim_args)
+    phase = plan_phase(load_model("grok-1"), get_cluster("colossus-200k"), SimulationOptions(days=args.days))
     scenario = phase.scenario
     interval = daly_interval(scenario.checkpoint.block_s, scenario.mtti_s)
     horizon = args.days * 86400

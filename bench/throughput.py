@@ -24,7 +24,7 @@ torchtitan's debug model 1,717 tokens/s without activation checkpointing.
 With --device cuda the same step runs on the GPU as the trainer runs it there (fp32 weights, bf16
 autocast, fused AdamW; soft-capped attention in FlexAttention), on a ~1B dense model and a ~1.3B MoE
 (0.37B active) by default, from the sdpa mode on; MFU is
-against the GPU's datasheet dense BF16 peak (colossus.plan.hardware), peak memory is
+against the GPU's datasheet dense BF16 peak (colossus.hardware), peak memory is
 torch.cuda.max_memory_allocated over the second step.
 """
 
@@ -80,26 +80,28 @@ def build_training(shape: str, mode: str, ac: str = "none", batch: int = BATCH, 
     run_step(i) runs the real training step on random batch i."""
     import torch
 
-    from colossus.config import ParallelConfig, TrainConfig, config_from_dict
+    from colossus.config import config_from_dict, layout_from_config
     from colossus.models.grok import build_model
-    from colossus.parallel.layout import resolve_layout
     from colossus.parallel.parallelize import parallelize
     from colossus.train.optim import build_optimizer, build_scheduler
-    from colossus.train.trainer import train_step
+    from colossus.train.step import train_step
 
-    model_cfg = config_from_dict({"model": SHAPES[shape]}).model
-    tcfg = TrainConfig(steps=1000, global_batch=batch, micro_batch=batch, compile=mode == "compiled", warmup_steps=1)
-    pcfg = ParallelConfig(activation_checkpoint=ac)
+    config = config_from_dict({"model": SHAPES[shape], "parallel": {"recompute": ac},
+                               "train": {"steps": 1000, "global_batch": batch, "micro_batch": batch, "warmup_steps": 1,
+                                         "compile": mode == "compiled"}})
+    model_cfg, tcfg = config.model, config.train
+    layout = layout_from_config(config, 1, device_type)
     device = torch.device(device_type)
     model = build_model(model_cfg, device, seed=0, fused_attention=mode != "reference")
-    parallelize(model, resolve_layout(pcfg, 1), None, pcfg, tcfg, device)
+    parallelize(model, layout, None, device, compile=tcfg.compile)
     optimizer = build_optimizer(model, tcfg, device, fused=mode in ("eager", "compiled"))
     scheduler = build_scheduler(optimizer, tcfg)
 
     def run_step(index: int) -> None:
         generator = torch.Generator().manual_seed(index)
         tokens = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.seq_len + 1), generator=generator)
-        result = train_step(model, optimizer, scheduler, tokens[:, :-1], tokens[:, 1:], tcfg, device)
+        result = train_step(model, optimizer, scheduler, tokens[:, :-1], tokens[:, 1:], batch, tcfg.grad_clip, device,
+                            layout.precision)
         float(result.loss)  # the step is done (CPU ops are synchronous; this only reads the value)
 
     return model_cfg, run_step
@@ -264,23 +266,24 @@ def gpu_datasheet_peak() -> tuple[float, str]:
     """The visible GPU's dense BF16 datasheet peak (what the trainer's MFU uses) and its name."""
     import torch
 
-    from colossus.plan.hardware import gpu_from_device_name
+    from colossus.hardware import gpu_from_device_name
 
     name = torch.cuda.get_device_name(0)
     gpu = gpu_from_device_name(name)
     if gpu is None:
-        raise SystemExit(f"{name} is not in colossus.plan.hardware's catalog: no peak to measure MFU against")
+        raise SystemExit(f"{name} is not in colossus.hardware's catalog: no peak to measure MFU against")
     return gpu.bf16_tflops * 1e12, gpu.name
 
 
 def gemm_peak(threads: int) -> float:
-    """The best fp32 GEMM rate over a few large squares, median of repeats each (same threads)."""
+    """The best fp32 GEMM rate over a few large squares (colossus.plan.profile.gemm_peak_flops: the
+    peak the trainer's MFU and the planner use), with the threads of the runs."""
     import torch
 
-    from colossus.train.peak import measure_cpu_gemm_flops
+    from colossus.plan.profile import gemm_peak_flops
 
     torch.set_num_threads(threads)
-    return max(measure_cpu_gemm_flops(size, repeats=7) for size in (1024, 1536, 2048))
+    return gemm_peak_flops(torch.device("cpu"), torch.float32, repeats=7)
 
 
 def run_peer(steps: int) -> float | None:
@@ -490,11 +493,12 @@ def predicted_peak_bytes(shape: str, recompute: str, batch: int = BATCH, device_
     there: fp32 weights, gradients and moments, 16, plus autocast's bf16 weight copies, 2). "reserved"
     (the CUDA context, not counted by torch.cuda.max_memory_allocated) is left out."""
     from colossus.config import config_from_dict
-    from colossus.plan.costmodel import Layout, Software, eager_cpu_software, memory_breakdown
+    from colossus.layout import Layout
+    from colossus.plan.costmodel import Software, eager_cpu_software, memory_breakdown
 
     model = config_from_dict({"model": SHAPES[shape]}).model
     on_gpu = device_type == "cuda"
-    layout = Layout(mbs=batch, gbs=batch, precision="bf16" if on_gpu else "fp32", recompute=recompute)
+    layout = Layout(mbs=batch, gbs=batch, zero=0, precision="bf16" if on_gpu else "fp32", recompute=recompute)
     software = (Software(fused_attention=True, overlap_grad_reduce=False, fused_elementwise=False, persistent_grads=False)
                 if on_gpu else eager_cpu_software(model))
     breakdown = memory_breakdown(model, layout, software)

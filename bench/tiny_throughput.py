@@ -23,8 +23,8 @@ from colossus.data import TokenLoader, prepare_tokens
 from colossus.models.grok import build_model
 from colossus.models.presets import get_preset
 from colossus.train.optim import build_optimizer, build_scheduler
-from colossus.train.peak import measure_cpu_gemm_flops
-from colossus.train.trainer import train_step
+from colossus.plan.profile import gemm_peak_flops
+from colossus.train.step import train_step
 
 
 def main() -> None:
@@ -51,10 +51,10 @@ def main() -> None:
     for i in range(args.warmup + args.steps):
         inputs, targets = loader.next_batch()
         start = time.perf_counter()
-        train_step(model, optimizer, scheduler, inputs, targets, train_cfg, device).loss.item()
+        train_step(model, optimizer, scheduler, inputs, targets, args.batch, train_cfg.grad_clip, device).loss.item()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    peak = measure_cpu_gemm_flops()
+    peak = gemm_peak_flops(device, torch.float32)
 
     step_s = statistics.median(times)
     tokens_per_s = args.batch * model_cfg.seq_len / step_s

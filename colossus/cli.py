@@ -58,9 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list model presets with parameters and FLOPs per token",
                                  description="List the model presets: total and active parameters, FLOPs per token.")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    from colossus.plan.command import add_parser as add_plan_parser
-    from colossus.plan.simulate_command import add_parser as add_simulate_parser
-
     add_plan_parser(commands)
     add_simulate_parser(commands)
     report = commands.add_parser("report", help="write RUN/report.md and report.html with figures, ledger and thresholds",
@@ -98,8 +95,102 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, metavar="N", help="CPU threads for the measurement "
                                                                 "(default: torch's, all cores)")
     bench.add_argument("--quick", action="store_true", help="a smaller grid and fewer sizes: 10-20 s")
+    bench.add_argument("--precision", choices=("fp32", "bf16"),
+                       help="matmul precision (default: bf16 on a GPU, fp32 on a CPU; train.precision=bf16 on a "
+                            "CPU needs a bf16 profile)")
     bench.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     return parser
+
+
+PLAN_EPILOG = """\
+examples:
+  colossus plan --model grok-1 --cluster colossus-100k --tokens 6e12
+  colossus plan --model grok-1 --cluster dgx-h100-1024 --layout tp=8,recompute=full
+  colossus plan --model my_model.toml --cluster my_cluster.toml --gpus 4096 --json
+  colossus plan --model tiny --cluster local-2 --write-config t.toml   # then: torchrun --nproc-per-node 2 -m colossus.train t.toml
+
+--layout fixes any of the layout keys (the rest are searched; the same words as [parallel] and [train]):
+  tp, pp, vpp, cp, ep          tensor, pipeline (and virtual), context and expert parallel sizes
+  dp                           the data-parallel size dp_replicate x dp_shard x ep (split by zero)
+  dp_replicate, dp_shard       the data-parallel split: replicas (HSDP) and ranks that shard
+  zero                         0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + weights
+  mbs, gbs                     micro-batch and global batch, sequences (train.micro_batch, train.global_batch)
+  recompute                    none, selective (the attention core) or full (whole blocks)
+  recompute_every              recompute every k-th block only
+  precision                    bf16 or fp8 (fp32 on a measured machine, local-N)
+  pp_schedule                  1f1b or interleaved-1f1b
+A model file is a [model] table with the trainer's keys (or a preset = "..." key); a cluster file is a
+[cluster] table with gpu, n_gpus, gpus_per_node, nic_gbps (per GPU)."""
+
+SIMULATE_EPILOG = """\
+examples:
+  colossus simulate --cluster colossus-100k --days 30
+  colossus simulate --cluster colossus-100k --model grok-1 --tokens 6e12 --checkpoint-interval auto --plot goodput.png
+  colossus simulate --cluster colossus-100k --model grok-1 --tokens 2e13 --grow 20:colossus-200k --json
+  colossus simulate --cluster dgx-h100-16384 --days 54 --checkpoint-interval 1800   # Llama 3's log
+
+Failures default to per-component rates fitted to Llama 3's 54-day log on 16,384 H100 (419 unexpected,
+47 planned interruptions); --failures FILE.toml overrides any ([failures] <cause>_per_day, planned_per_day).
+The model (default grok-1) sets the checkpoint size and, through `colossus plan`, speed and power."""
+
+
+def add_plan_parser(commands: argparse._SubParsersAction) -> None:
+    from colossus.models.presets import PRESETS
+
+    plan = commands.add_parser(
+        "plan", help="choose a parallel layout and predict speed, memory, days, energy and cost",
+        description="Search every valid parallel layout of a model on a cluster and rank those that fit in "
+                    "memory by predicted throughput (an analytical cost model; see README, Planning).",
+        epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("--model", required=True, metavar="PRESET|FILE.toml",
+                      help=f"a model preset ({', '.join(PRESETS)}) or a TOML file with a [model] table")
+    plan.add_argument("--cluster", required=True, metavar="PRESET|FILE.toml",
+                      help="colossus-100k, colossus-200k, dgx-a100-N, dgx-h100-N, hgx-h200-N (N GPUs), a TOML file, "
+                           "or local-N (N processes on this machine, from `colossus bench`)")
+    plan.add_argument("--gpus", type=int, metavar="N", help="use N GPUs of the cluster (default: all)")
+    plan.add_argument("--layout", default="", metavar="K=V,...", help="fix layout keys, e.g. tp=8,pp=4,recompute=full")
+    plan.add_argument("--tokens", type=float, metavar="N", help="training tokens: adds days, GPU-hours, energy and cost")
+    plan.add_argument("--usd-per-gpu-hour", type=float, metavar="X", help="price for the cost (default: the cluster's)")
+    plan.add_argument("--profile", metavar="FILE.json",
+                      help="with --cluster local-N: the machine profile from `colossus bench` (default: its cache file)")
+    plan.add_argument("--top", type=int, default=5, metavar="K", help="layouts to list (default 5)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object (the best layout) instead of tables")
+    plan.add_argument("--write-config", metavar="FILE.toml",
+                      help="write the trainer config of the best layout ([model], [parallel], batch, precision)")
+
+
+def add_simulate_parser(commands: argparse._SubParsersAction) -> None:
+    from colossus.plan.simulation import DEFAULT_RESTART_S, DEFAULT_STORAGE_GB_S
+
+    sim = commands.add_parser(
+        "simulate", help="failures, checkpoint interval, goodput, days and power of a run (Monte Carlo)",
+        description="Simulate a long run on a cluster: unexpected and planned interruptions, lost work, "
+                    "restarts, the best checkpoint interval (Young, Daly and Monte Carlo), goodput, wall-clock "
+                    "days (p50/p90), energy and power swings. Speeds come from `colossus plan`.",
+        epilog=SIMULATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim.add_argument("--cluster", required=True, metavar="PRESET|FILE.toml", help="as for `colossus plan`")
+    sim.add_argument("--gpus", type=int, metavar="N", help="use N GPUs of the cluster (default: all)")
+    length = sim.add_mutually_exclusive_group(required=True)
+    length.add_argument("--days", type=float, metavar="D", help="simulate D days of wall-clock time")
+    length.add_argument("--tokens", type=float, metavar="N", help="simulate until N tokens are trained")
+    sim.add_argument("--model", default="grok-1", metavar="PRESET|FILE.toml", help="model (default grok-1)")
+    sim.add_argument("--layout", default="", metavar="K=V,...", help="fix layout keys, as for `colossus plan`")
+    sim.add_argument("--checkpoint-interval", default="auto", metavar="S|auto",
+                     help="seconds of training between checkpoints, or auto: the Monte Carlo optimum (default)")
+    sim.add_argument("--checkpoint-mode", choices=("async", "sync"), default="async",
+                     help="async: the loop waits only for staging (default); sync: for the whole write")
+    sim.add_argument("--trials", type=int, default=200, metavar="N", help="Monte Carlo trials (default 200)")
+    sim.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    sim.add_argument("--restart-s", type=float, default=DEFAULT_RESTART_S, metavar="S",
+                     help=f"restart cost before the checkpoint load (default {DEFAULT_RESTART_S:g})")
+    sim.add_argument("--repair-hours", type=float, default=0.0, metavar="H",
+                     help="extra wait after a hardware failure when no spare node is free (default 0: hot spares)")
+    sim.add_argument("--storage-gb-s", type=float, default=DEFAULT_STORAGE_GB_S, metavar="X",
+                     help=f"checkpoint storage bandwidth, GB/s (default {DEFAULT_STORAGE_GB_S:g})")
+    sim.add_argument("--failures", metavar="FILE.toml", help="override failure rates ([failures] table)")
+    sim.add_argument("--grow", metavar="DAY:CLUSTER", help="switch to a bigger cluster on DAY (re-planned), --tokens only")
+    sim.add_argument("--plot", metavar="FILE.png", help="write goodput against checkpoint interval")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_launch(args: argparse.Namespace) -> int:
@@ -137,15 +228,64 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from colossus.plan.command import run_plan as plan
+    from colossus.plan.planner import load_model, plan, print_plan, resolve_cluster, write_config
+    from colossus.plan.search import parse_layout
 
-    return plan(args)
+    model = load_model(args.model)
+    cluster, profile = resolve_cluster(args.cluster, args.gpus, Path(args.profile) if args.profile else None)
+    planned = plan(model, cluster, parse_layout(args.layout), args.tokens, args.usd_per_gpu_hour, args.top, profile)
+    if args.write_config:
+        written = write_config(planned, Path(args.write_config))
+        print(f"wrote {written}: {planned.best.layout.world_size:,} processes", file=sys.stderr)
+    if args.json:
+        print(json.dumps(planned.report, indent=1))
+    else:
+        print_plan(planned)
+    return 0
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from colossus.plan.simulate_command import run_simulate as simulate
+    from colossus.plan.cluster import get_cluster
+    from colossus.plan.failures import FailureModel, load_failure_model
+    from colossus.plan.planner import load_model
+    from colossus.plan.search import parse_layout
+    from colossus.plan.simulation import SimulationOptions, plot_goodput, print_simulation, simulate_run
 
-    return simulate(args)
+    interval = None
+    if args.checkpoint_interval != "auto":
+        try:
+            interval = float(args.checkpoint_interval)
+        except ValueError:
+            raise UserError(f"--checkpoint-interval {args.checkpoint_interval!r} must be a number of seconds or auto") from None
+    grow = None
+    if args.grow:
+        day, sep, name = args.grow.partition(":")
+        try:
+            when = float(day)
+        except ValueError:
+            when = -1.0
+        if not sep or not name or when <= 0:
+            raise UserError(f"--grow {args.grow!r}: expected DAY:CLUSTER, e.g. 20:colossus-200k")
+        grow = (when, get_cluster(name))
+    options = SimulationOptions(
+        days=args.days, tokens=args.tokens, layout=parse_layout(args.layout), checkpoint_interval_s=interval,
+        checkpoint_mode=args.checkpoint_mode, trials=args.trials, seed=args.seed, restart_s=args.restart_s,
+        repair_hours=args.repair_hours, storage_gb_s=args.storage_gb_s, grow=grow,
+        failures=load_failure_model(Path(args.failures)) if args.failures else FailureModel.llama3())
+    options.check()  # the flags' own errors before the model and cluster are read
+    cluster = get_cluster(args.cluster)
+    if args.gpus is not None:
+        cluster = cluster.with_gpus(args.gpus)
+    report = simulate_run(load_model(args.model), cluster, options)
+    if args.plot:
+        plot_goodput(report, Path(args.plot))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_simulation(report)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -188,10 +328,13 @@ def run_bench(args: argparse.Namespace) -> int:
     make_dir(out.parent)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
-    from colossus.plan.profile import measure  # torch loads only once the flags are known to be good
+    import torch  # loads only once the flags are known to be good
+
+    from colossus.plan.profile import measure
 
     print(f"measuring this machine ({'10-20 s' if args.quick else 'under a minute'}) ...", file=sys.stderr)
-    profile = measure(threads=args.threads, quick=args.quick)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.precision]
+    profile = measure(threads=args.threads, quick=args.quick, dtype=dtype)
     profile.save(out)
     if args.json:
         from dataclasses import asdict

@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from colossus.errors import UserError
+from colossus.layout import Layout, check_value
 from colossus.modelconfig import FFN_TYPES, NORM_PLACEMENTS, ModelConfig
 from colossus.models.presets import get_preset
 
@@ -49,6 +50,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False  # GPU: deterministic kernels, so reruns and resumes match bit for bit (slower); CPU kernels already are
     threads: int = 0  # CPU threads per process; 0 = all cores divided by local ranks
+    precision: str = "auto"  # fp32 or bf16 (autocast, FSDP mixed precision, ledger, planner); auto: fp32 on a CPU, bf16 on a GPU
     init_from: str = ""  # fine-tune: start from the model weights of this run folder's newest checkpoint
 
 
@@ -76,17 +78,30 @@ class LogConfig:
 
 @dataclass
 class ParallelConfig:
-    """The parallel layout. World size = dp_replicate * dp_shard * tp * ep. Expert parallelism is
-    folded into data parallelism (as torchtitan and Megatron do): the ep ranks read different data,
-    hold n_experts / ep experts each, and shard the non-expert weights with the dp_shard ranks."""
+    """The parallel layout (colossus.layout.Layout says what each key means; the planner uses the same
+    words). World size = pp x dp_replicate x dp_shard x ep x cp x tp."""
 
-    dp_replicate: int = 1  # replicas (HSDP's outer dimension; plain DDP-like when dp_shard = 1)
-    dp_shard: int = -1  # FSDP ranks; -1 = whatever is left of the world size
+    dp_replicate: int = 1  # replicas that shard nothing between them (HSDP's outer dimension)
+    dp_shard: int = -1  # ranks that shard what `zero` says; -1 = the rest of the world size
     tp: int = 1  # tensor (and sequence) parallel ranks, inside a node
-    ep: int = 1  # expert-parallel ranks
-    reshard_after_forward: bool = True  # FSDP frees gathered weights after forward (ZeRO-3) or keeps them (ZeRO-2)
-    activation_checkpoint: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th block)
-    ac_every: int = 2
+    ep: int = 1  # expert-parallel ranks (data-parallel ranks too)
+    cp: int = 1  # context-parallel ranks: each sequence split over them
+    pp: int = 1  # pipeline stages
+    vpp: int = 1  # virtual stages per pipeline rank (interleaved schedules)
+    pp_schedule: str = "1f1b"  # 1f1b, interleaved-1f1b or zbv
+    zero: int = 3  # ZeRO stage over the shard ranks: 3 weights too (FSDP resharding after forward), 1-2 no, 0 nothing
+    recompute: str = "none"  # activation recomputation: none, selective (the attention core) or full (whole blocks)
+    recompute_every: int = 1  # recompute only every k-th block (1 = all)
+
+
+# Keys that were renamed: an old config stops with one line naming the new key.
+RENAMED = {
+    "parallel.reshard_after_forward": "parallel.zero (3 reshards after the forward, as true did; 2 keeps the "
+                                      "gathered weights, as false did)",
+    "parallel.activation_checkpoint": "parallel.recompute (none; selective = the attention core; full = whole "
+                                      "blocks), with parallel.recompute_every for every k-th block",
+    "parallel.ac_every": "parallel.recompute_every (with parallel.recompute = full for whole blocks)",
+}
 
 
 @dataclass
@@ -164,6 +179,8 @@ def _build_section(name: str, values: dict[str, Any], base: Any) -> Any:
     known = [f.name for f in dataclasses.fields(cls)]
     updates = {}
     for key, value in values.items():
+        if f"{name}.{key}" in RENAMED:
+            raise UserError(f"config key {name}.{key} is now {RENAMED[f'{name}.{key}']}")
         if key not in hints:
             raise UserError(f"unknown config key {name}.{_printable(key)}{_suggest(key, known)}; known keys: {', '.join(known)}")
         updates[key] = _coerce(f"{name}.{key}", value, hints[key])
@@ -295,10 +312,10 @@ def validate(config: RunConfig) -> None:
     p = config.parallel
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise UserError(f"parallel.dp_shard must be -1 (the rest of the world size) or positive, got {p.dp_shard}")
-    for key in ("dp_replicate", "tp", "ep", "ac_every"):
-        _positive(f"parallel.{key}", getattr(p, key))
-    if p.activation_checkpoint not in ("none", "full", "selective"):
-        raise UserError(f"parallel.activation_checkpoint={p.activation_checkpoint!r} is not one of none, full, selective")
+    for key in ("dp_replicate", "tp", "ep", "cp", "pp", "vpp", "zero", "recompute", "recompute_every", "pp_schedule"):
+        check_value(key, getattr(p, key), f"parallel.{key}")
+    if t.precision != "auto":
+        check_value("precision", t.precision, "train.precision")
     f = config.faults
     _positive("faults.max_bad_steps", f.max_bad_steps)
     if f.hang_timeout_s < 0 or f.inject_nan_at_step < 0 or f.inject_nan_count < 1 or f.inject_kill_in_save_at_step < 0:
@@ -313,3 +330,42 @@ def validate(config: RunConfig) -> None:
         raise UserError(f"data.prefetch must be >= 0 (batches built ahead; 0 turns it off), got {config.data.prefetch}")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")
+
+
+# ------------------------------------------------------------------------ the layout a config describes
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """train.precision with auto resolved: bf16 on a GPU, fp32 on a CPU (whose fp32 matmuls are the
+    fast ones unless it has AMX or AVX-512 BF16)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
+def layout_from_config(config: RunConfig, world_size: int, device_type: str = "cpu") -> Layout:
+    """The Layout a run config describes on `world_size` processes: dp_shard = -1 takes the rest of the
+    world size (dp_replicate does under parallel.zero = 0, which shards nothing), and train.precision
+    auto becomes the device's. The product may still differ from world_size: the trainer says so."""
+    p, t = config.parallel, config.train
+    dp_replicate, dp_shard = p.dp_replicate, p.dp_shard
+    fixed = p.pp * p.ep * p.cp * p.tp
+    if dp_shard == -1:
+        if p.zero == 0:
+            dp_shard = 1
+            dp_replicate = max(1, world_size // fixed) if p.dp_replicate == 1 else p.dp_replicate
+        else:
+            dp_shard = max(1, world_size // (fixed * dp_replicate))
+    return Layout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, dp_replicate=dp_replicate, dp_shard=dp_shard,
+                  zero=p.zero, mbs=t.micro_batch, gbs=t.global_batch, recompute=p.recompute,
+                  recompute_every=p.recompute_every, precision=resolve_precision(t.precision, device_type),
+                  pp_schedule=p.pp_schedule)
+
+
+def layout_tables(layout: Layout) -> dict[str, dict[str, Any]]:
+    """The config values that describe `layout` (the inverse of layout_from_config): its [parallel]
+    table and the batch and precision keys of [train]. The one translation from a plan to a run."""
+    parallel = {name: getattr(layout, name) for name in (
+        "dp_replicate", "dp_shard", "tp", "ep", "cp", "pp", "vpp", "pp_schedule", "zero", "recompute", "recompute_every")}
+    return {"parallel": parallel,
+            "train": {"global_batch": layout.gbs, "micro_batch": layout.mbs, "precision": layout.precision}}

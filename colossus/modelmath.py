@@ -100,12 +100,12 @@ def exact_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
 def hardware_flops_per_token(m: ModelConfig, recompute: str = "none", seq_len: int | None = None,
                              recomputed_layers: float = 1.0) -> float:
     """FLOPs the hardware executes, counting activation recomputation: "full" reruns each block's
-    forward (or the fraction `recomputed_layers` of the blocks); "selective" reruns only attention's
-    core (Korthikanti et al. 2022, section 5)."""
+    forward, "selective" only attention's core (Korthikanti et al. 2022, section 5), in the fraction
+    `recomputed_layers` of the blocks (parallel.recompute_every)."""
     forward = forward_matmul_flops(m, seq_len)
-    extra = {
+    extra = recomputed_layers * {
         "none": 0.0,
-        "full": recomputed_layers * sum(v for k, v in forward.items() if k != "unembedding"),
+        "full": sum(v for k, v in forward.items() if k != "unembedding"),
         "selective": forward["attn_scores"] + forward["attn_values"],
     }[recompute]
     return exact_flops_per_token(m, seq_len) + extra

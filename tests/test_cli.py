@@ -143,3 +143,22 @@ def test_python_m_colossus_train_runs(tmp_path: Path, corpus_dir: Path) -> None:
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["step"] == 3
+
+
+def test_readme_config_table_and_plan_layout_help_name_the_same_keys() -> None:
+    """One vocabulary: every layout key is a run-config key in the README's table and a --layout key in
+    `colossus plan --help` (mbs, gbs and precision are train.micro_batch, global_batch and precision)."""
+    import re
+
+    from colossus.cli import PLAN_EPILOG
+    from colossus.layout import LAYOUT_FIELDS
+
+    readme = (REPO / "README.md").read_text()
+    rows = {name: set(re.findall(r"[a-z_0-9]+", " ".join(re.findall(r"`([^`]*)`", row)))) for name, row in
+            re.findall(r"^\| `\[(parallel|train)\]` \| (.*) \|$", readme, flags=re.M)}
+    in_config = {"mbs": "micro_batch", "gbs": "global_batch", "precision": "precision"}
+    for key in LAYOUT_FIELDS:
+        table = "train" if key in in_config else "parallel"
+        assert in_config.get(key, key) in rows[table], f"README's [{table}] row lacks {in_config.get(key, key)}"
+        assert re.search(rf"(^|[ ,]){key}([ ,]|$)", PLAN_EPILOG, flags=re.M), f"plan --help lacks {key}"
+    assert rows["parallel"] == {k for k in LAYOUT_FIELDS if k not in in_config}

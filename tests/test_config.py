@@ -419,3 +419,39 @@ def test_shipped_tiny_config_is_the_default_run() -> None:
     from conftest import REPO
 
     assert load_config(REPO / "configs" / "tiny.toml") == load_config(None)
+
+
+@pytest.mark.parametrize("key, value, new", [
+    ("reshard_after_forward", False, "parallel.zero"),
+    ("activation_checkpoint", "full", "parallel.recompute"),
+    ("ac_every", 2, "parallel.recompute_every"),
+])
+def test_renamed_parallel_keys_name_the_new_spelling(key, value, new):
+    message = user_error(config_from_dict, {"parallel": {key: value}})
+    assert message.startswith(f"config key parallel.{key} is now {new}") and "\n" not in message
+
+
+@pytest.mark.parametrize("tables, words", [
+    ({"parallel": {"recompute": "blocks"}}, ["parallel.recompute='blocks'", "none, selective, full"]),
+    ({"parallel": {"zero": 4}}, ["parallel.zero=4", "ZeRO stage"]),
+    ({"parallel": {"pp": 0}}, ["parallel.pp", "positive"]),
+    ({"parallel": {"pp_schedule": "gpipe"}}, ["parallel.pp_schedule='gpipe'", "1f1b"]),
+    ({"train": {"precision": "fp16"}}, ["train.precision='fp16'", "fp32, bf16, fp8"]),
+])
+def test_layout_keys_are_checked(tables, words):
+    message = user_error(config_from_dict, tables)
+    assert all(word in message for word in words), message
+
+
+def test_layout_from_config_and_back():
+    """layout_tables is the inverse of layout_from_config: a plan's layout written as config values
+    comes back as the same Layout."""
+    from colossus.config import layout_from_config, layout_tables
+    from colossus.layout import Layout
+
+    layout = Layout(tp=2, pp=2, vpp=2, cp=2, ep=2, dp_replicate=2, dp_shard=3, zero=2, mbs=2, gbs=96,
+                    recompute="selective", recompute_every=2, precision="bf16", pp_schedule="interleaved-1f1b")
+    config = config_from_dict(layout_tables(layout))
+    assert layout_from_config(config, layout.world_size, "cpu") == layout
+    assert layout_from_config(config_from_dict({}), 1, "cuda").precision == "bf16"  # auto: the device's
+    assert layout_from_config(config_from_dict({}), 1, "cpu").precision == "fp32"

@@ -39,17 +39,21 @@ def test_flex_attention_under_the_flop_counter_counts_forward_and_backward():
     forward and backward are counted as torch counts a fused attention kernel (4 b h s^2 d forward,
     10 backward, which recomputes the scores), the written-out core as its matmuls (4 + 8)."""
     from colossus.account.flopcount import counted_flops
+    from colossus.config import ModelConfig
+    from colossus.models.grok import AttentionCore
 
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(2, heads, 512, 64, device="cuda", generator=g).requires_grad_() for heads in (8, 2, 2))
+    core = AttentionCore(ModelConfig(attn_softcap=30.0, seq_len=512))  # on a GPU at the training length: flex
+    assert core.kernel_for(q) == "flex"
 
     def fused_step():
-        flex_softcapped_attention(q, k, v, 30.0).square().sum().backward()
+        core(q, k, v).square().sum().backward()
 
     def written_step():
         math_attention(q, k, v, softcap=30.0).square().sum().backward()
 
-    _, fused_count = counted_flops(fused_step)
+    _, fused_count = counted_flops(fused_step, core)
     _, written_count = counted_flops(written_step)
     assert fused_count == (4 + 10) * 2 * 8 * 512 * 512 * 64
     assert written_count == (4 + 8) * 2 * 8 * 512 * 512 * 64

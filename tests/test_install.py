@@ -54,3 +54,57 @@ def test_every_third_party_import_is_installed_and_declared() -> None:
     # torch.utils.tensorboard needs the tensorboard distribution; the others carry their module's name.
     top_level = {name.split(".")[0] for name in needed} | ({"tensorboard"} if "torch.utils.tensorboard" in needed else set())
     assert top_level <= distributions, f"imported but not in pyproject.toml dependencies: {sorted(top_level - distributions)}"
+
+
+def module_imports() -> dict[str, set[str]]:
+    """colossus module -> the colossus modules it imports at its top level (what runs on import)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = "colossus." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        found = set()
+        for node in ast.parse(path.read_text()).body:  # top level only: imports inside functions are lazy
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("colossus"):
+                if node.module == "colossus":  # `from colossus import modelmath` imports colossus.modelmath
+                    found.update(f"colossus.{alias.name}" for alias in node.names)
+                else:
+                    found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names if alias.name.startswith("colossus"))
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = module_imports()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done or module not in graph:
+            return
+        for imported in graph[module]:
+            visit(imported, path + [module])
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_the_model_file_imports_only_torch_and_the_model_description() -> None:
+    """models/grok.py reads in one sitting: torch, the model's config and math, its MoE layer; nothing of
+    parallelism, training or accounting (those wrap the model from outside)."""
+    graph = module_imports()
+    assert graph["colossus.models.grok"] <= {"colossus.modelconfig", "colossus.modelmath", "colossus.models.moe"}
+    assert graph["colossus.models.moe"] <= {"colossus.modelconfig"}
+
+
+def test_the_catalog_sits_below_train_and_plan() -> None:
+    """The GPU catalog is colossus.hardware, which imports neither; the trainer asks the planner only for
+    its prediction of the run (train/prediction.py)."""
+    graph = module_imports()
+    assert not any(m.startswith(("colossus.train", "colossus.plan")) for m in graph["colossus.hardware"])
+    train_uses_plan = {name for name, imported in graph.items() if name.startswith("colossus.train")
+                       and any(m.startswith("colossus.plan") for m in imported)}
+    assert train_uses_plan == {"colossus.train.prediction"}

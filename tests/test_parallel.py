@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from colossus.config import ModelConfig, ParallelConfig, TrainConfig
+from colossus.config import ModelConfig, config_from_dict
 from colossus.errors import UserError
-from colossus.parallel.layout import Layout, check_layout_fits, resolve_layout
+from colossus.layout import Layout, check_fits
+from colossus.parallel.runtime import resolve_layout
 from conftest import REPO, small_tables, write_toml
 from ranks import finish as finish_ranks, rank_stderr, torchrun as launcher
 
@@ -157,34 +158,59 @@ def test_launch_single_node_and_slurm_script() -> None:
 # ------------------------------------------------------------------------ layout checks (no processes)
 
 
+def layout_of(world: int, **parallel) -> Layout:
+    config = config_from_dict({"parallel": parallel, "train": {"global_batch": 8, "micro_batch": 2}})
+    return resolve_layout(config, world, "cpu")
+
+
 def test_dp_shard_fills_the_world() -> None:
-    assert resolve_layout(ParallelConfig(), 8) == Layout(1, 8, 1, 1)
-    assert resolve_layout(ParallelConfig(dp_replicate=2, ep=2), 8) == Layout(2, 2, 2, 1)
-    layout = resolve_layout(ParallelConfig(dp_shard=2, ep=2), 4)
+    assert layout_of(8) == Layout(dp_shard=8, mbs=2, gbs=8, precision="fp32")
+    assert (layout_of(8, dp_replicate=2, ep=2).dp_replicate, layout_of(8, dp_replicate=2, ep=2).dp_shard) == (2, 2)
+    layout = layout_of(4, dp_shard=2, ep=2)
     assert (layout.dp, layout.world_size) == (4, 4)  # ep ranks are data-parallel ranks too
+    plain = layout_of(4, zero=0)  # ZeRO 0 shards nothing: the replicas take the rest of the world
+    assert (plain.dp_replicate, plain.dp_shard, plain.dp) == (4, 1, 4)
 
 
-@pytest.mark.parametrize("cfg, world, words", [
-    (ParallelConfig(dp_shard=2, tp=2), 8, ["2 x", "= 4", "8 were launched"]),
-    (ParallelConfig(tp=3), 4, ["world size 4", "tp=3"]),
+@pytest.mark.parametrize("parallel, world, words", [
+    (dict(dp_shard=2, tp=2), 8, ["dp_shard=2 x tp=2", "needs 4 processes", "8 were launched"]),
+    (dict(tp=3), 4, ["tp=3", "needs 3 processes", "4 were launched"]),
+    (dict(tp=2, ep=4, dp_shard=2), 1, ["needs 16 processes", "1 was launched",
+                                         "lacks tensor together with expert parallelism"]),
 ])
-def test_layout_world_mismatch_names_the_numbers(cfg: ParallelConfig, world: int, words: list[str]) -> None:
+def test_layout_world_mismatch_names_the_numbers(parallel: dict, world: int, words: list[str]) -> None:
     with pytest.raises(UserError) as error:
-        resolve_layout(cfg, world)
-    assert all(word in str(error.value) for word in words) and "\n" not in str(error.value)
+        layout_of(world, **parallel)
+    assert all(word in str(error.value) for word in words), str(error.value)
+    assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("layout, model, train, key", [
-    (Layout(1, 1, 3, 1), ModelConfig(), TrainConfig(global_batch=6, micro_batch=2), "n_experts"),
-    (Layout(1, 1, 2, 1), ModelConfig(n_experts=1, top_k=1), TrainConfig(), "model.n_experts > 1"),
-    (Layout(1, 1, 1, 8), ModelConfig(), TrainConfig(), "n_heads"),
-    (Layout(1, 1, 2, 2), ModelConfig(), TrainConfig(), "together with parallel.ep"),
-    (Layout(1, 3, 1, 1), ModelConfig(), TrainConfig(global_batch=8, micro_batch=8), "global_batch"),
+@pytest.mark.parametrize("layout, model, key", [
+    (Layout(ep=3, gbs=6, mbs=2), ModelConfig(), "n_experts"),
+    (Layout(ep=2, gbs=8), ModelConfig(n_experts=1, top_k=1), "model.n_experts > 1"),
+    (Layout(tp=8, gbs=8), ModelConfig(), "n_heads"),
+    (Layout(dp_shard=3, gbs=8, mbs=8), ModelConfig(), "global_batch"),
+    (Layout(dp_shard=2, gbs=12, mbs=4), ModelConfig(), "micro_batch"),
+    (Layout(dp_shard=2, zero=0, gbs=8), ModelConfig(), "parallel.zero=0"),
+    (Layout(cp=2, gbs=8), ModelConfig(seq_len=255), "seq_len"),
 ])
-def test_layout_that_does_not_fit_the_model(layout: Layout, model: ModelConfig, train: TrainConfig, key: str) -> None:
+def test_layout_that_does_not_fit_the_model(layout: Layout, model: ModelConfig, key: str) -> None:
     with pytest.raises(UserError) as error:
-        check_layout_fits(layout, model, train)
+        check_fits(layout, model)
     assert key in str(error.value)
+
+
+@pytest.mark.parametrize("parallel, missing", [
+    (dict(tp=2, ep=2), "tensor together with expert parallelism"),
+    (dict(pp=2), "pipeline parallelism"),
+    (dict(cp=2), "context parallelism"),
+])
+def test_what_the_trainer_cannot_run_yet_is_one_line(parallel: dict, missing: str) -> None:
+    """Keys the trainer cannot run yet are accepted by the config and refused before anything is built."""
+    world = parallel.get("tp", 1) * parallel.get("ep", 1) * parallel.get("pp", 1) * parallel.get("cp", 1)
+    with pytest.raises(UserError) as error:
+        layout_of(world, **parallel)
+    assert missing in str(error.value) and "\n" not in str(error.value)
 
 
 def test_world_size_mismatch_fails_before_building(tmp_path: Path, corpus_dir: Path) -> None:
@@ -211,7 +237,7 @@ def test_activation_checkpointing_keeps_the_numbers(tmp_path: Path, corpus_dir: 
 
     sections = dict(train={"steps": 6}, eval={"sample_tokens": 0}, log={"interval": 1, "tensorboard": False})
     plain = small_config(corpus_dir, tmp_path / "cache", **sections)
-    checkpointed = small_config(corpus_dir, tmp_path / "cache", parallel={"activation_checkpoint": mode, "ac_every": 2},
+    checkpointed = small_config(corpus_dir, tmp_path / "cache", parallel={"recompute": mode, "recompute_every": 2},
                                 **sections)
     train(plain, tmp_path / "plain")
     train(checkpointed, tmp_path / "ac")
@@ -223,3 +249,35 @@ def test_activation_checkpointing_keeps_the_numbers(tmp_path: Path, corpus_dir: 
     longer = small_config(corpus_dir, tmp_path / "cache", **{**sections, "train": {"steps": 6}})
     summary = train(longer, tmp_path / "ac")
     assert summary["step"] == 6 and losses(tmp_path / "ac")[6]["loss"] == pytest.approx(reference[6]["loss"], rel=1e-6)
+
+
+def test_recompute_keeps_less_for_the_backward() -> None:
+    """What autograd saves for the backward of one step: selective recomputation (the attention core)
+    keeps less than none, full (whole blocks) less still; recompute_every=2 recomputes half the blocks."""
+    import torch
+
+    from colossus.models.grok import build_model
+    from colossus.parallel.parallelize import apply_recompute
+    from colossus.train.loss import training_loss
+
+    m = ModelConfig(n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, n_experts=4, top_k=2,
+                    vocab_size=256, seq_len=64)
+    tokens = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(0))
+
+    def saved_bytes(recompute: str, every: int = 1) -> int:
+        model = build_model(m, seed=0)
+        apply_recompute(model, recompute, every)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            training_loss(model(tokens[:, :-1]), tokens[:, 1:], m).total.backward()
+        return total
+
+    none, selective, full = saved_bytes("none"), saved_bytes("selective"), saved_bytes("full")
+    half = saved_bytes("full", every=2)
+    assert full < selective < none and full < half < none

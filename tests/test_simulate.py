@@ -11,7 +11,10 @@ import pytest
 
 from colossus.errors import UserError
 from colossus.plan.failures import LLAMA3_CAUSES, FailureModel, load_failure_model
+from colossus.plan.cluster import get_cluster
+from colossus.plan.planner import load_model
 from colossus.plan.simulate import CheckpointCost, Scenario, best_interval, daly_interval, simulate, young_interval
+from colossus.plan.simulation import SimulationOptions, plot_goodput, simulate_run
 from conftest import run_colossus
 
 
@@ -76,12 +79,7 @@ def test_monte_carlo_optimum_agrees_with_daly(gpus: int) -> None:
 def test_llama3_scale_acceptance() -> None:
     """16,384 H100 for 54 days: 419 unexpected interruptions within 10%, goodput above 90% at the
     interval the tool chooses."""
-    result = run_simulate("--cluster", "dgx-h100-16384", "--days", "54", "--trials", "100", "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    for key in ("interruptions_unexpected", "interruptions_planned", "mtti_s", "checkpoint_interval_s", "goodput",
-                "days_p50", "days_p90", "energy_mwh", "peak_power_mw", "power_swing_mw"):
-        assert key in report, key
+    report = simulate_run(load_model("grok-1"), get_cluster("dgx-h100-16384"), SimulationOptions(days=54, trials=100))
     assert report["interruptions_unexpected"] == pytest.approx(419, rel=0.10)
     assert report["interruptions_planned"] == pytest.approx(47, rel=0.25)
     assert report["goodput"] > 0.90
@@ -92,20 +90,28 @@ def test_llama3_scale_acceptance() -> None:
     assert report["energy_mwh"] == pytest.approx(report["peak_power_mw"] * 54 * 24, rel=0.25)
 
 
+def test_simulate_command_line_and_its_json_keys() -> None:
+    result = run_simulate("--cluster", "dgx-h100-16384", "--days", "54", "--trials", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("interruptions_unexpected", "interruptions_planned", "mtti_s", "checkpoint_interval_s", "goodput",
+                "days_p50", "days_p90", "energy_mwh", "peak_power_mw", "power_swing_mw"):
+        assert key in report, key
+
+
 def test_growth_and_plot(tmp_path: Path) -> None:
     """A run that grows to colossus-200k on day 2 is re-planned there (twice the failure rate) and its
     days add up; the plot of goodput against interval is written."""
-    common = ("--model", "grok-1", "--tokens", "2e13", "--trials", "40", "--json")
-    plot = tmp_path / "goodput.png"
-    grown = run_simulate("--cluster", "colossus-100k", "--grow", "2:colossus-200k", "--plot", str(plot), *common)
-    assert grown.returncode == 0, grown.stderr
-    grown = json.loads(grown.stdout)
+    options = SimulationOptions(tokens=2e13, trials=40, grow=(2.0, get_cluster("colossus-200k")))
+    grown = simulate_run(load_model("grok-1"), get_cluster("colossus-100k"), options)
     assert [p["n_gpus"] for p in grown["phases"]] == [100_000, 200_000]
     assert grown["phases"][1]["mtti_s"] == pytest.approx(grown["phases"][0]["mtti_s"] / 2)
     first, second = grown["phases"]
     assert first["days_mean"] == pytest.approx(2) and second["days_mean"] > 0.5
     assert grown["days_p50"] == pytest.approx(first["days_mean"] + second["days_mean"], rel=0.05)
     assert second["layout"]["tp"] * second["layout"]["pp"] * second["layout"]["dp"] * second["layout"]["cp"] == 200_000
+    plot = tmp_path / "goodput.png"
+    plot_goodput(grown, plot)
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -168,7 +168,8 @@ def test_resume_keeps_this_runs_optimizer_kernel() -> None:
     from colossus.data.loader import TokenLoader
     from colossus.models.grok import build_model
     from colossus.train.optim import build_optimizer, build_scheduler
-    from colossus.train.trainer import TrainingState, train_step
+    from colossus.train.step import train_step
+    from colossus.train.trainer import TrainingState
 
     model_cfg = config_from_dict({"model": {"preset": "tiny", "n_layers": 1, "seq_len": 16}}).model
     tcfg = TrainConfig(steps=4, global_batch=2, micro_batch=2, warmup_steps=1)
@@ -180,17 +181,20 @@ def test_resume_keeps_this_runs_optimizer_kernel() -> None:
         optimizer = build_optimizer(model, tcfg, device, fused=fused)
         return TrainingState(model, optimizer, build_scheduler(optimizer, tcfg), TokenLoader(tokens, 16, 2))
 
+    def step(state: TrainingState, poison: bool = False):
+        return train_step(state.model, state.optimizer, state.scheduler, batch[:, :-1], batch[:, 1:], tcfg.micro_batch,
+                          tcfg.grad_clip, device, poison=poison)
+
     saved = state(fused=False)
     batch = torch.arange(34).reshape(2, 17) % model_cfg.vocab_size
-    train_step(saved.model, saved.optimizer, saved.scheduler, batch[:, :-1], batch[:, 1:], tcfg, device)
+    step(saved)
     resumed = state(fused=True)
     resumed.load_state_dict(saved.state_dict())
     assert all(group["fused"] for group in resumed.optimizer.param_groups)
     before = [p.detach().clone() for p in resumed.model.parameters()]
-    result = train_step(resumed.model, resumed.optimizer, resumed.scheduler, batch[:, :-1], batch[:, 1:], tcfg, device,
-                        poison=True)
+    result = step(resumed, poison=True)
     assert bool(result.skipped)
     assert all(torch.equal(a, p) for a, p in zip(before, resumed.model.parameters()))
-    result = train_step(resumed.model, resumed.optimizer, resumed.scheduler, batch[:, :-1], batch[:, 1:], tcfg, device)
+    result = step(resumed)
     assert not bool(result.skipped)
     assert not all(torch.equal(a, p) for a, p in zip(before, resumed.model.parameters()))

@@ -26,12 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # noqa: E402
 from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: E402
 
-from colossus.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from colossus.config import ModelConfig, TrainConfig  # noqa: E402
+from colossus.layout import Layout  # noqa: E402
 from colossus.models.grok import build_model  # noqa: E402
 from colossus.models.moe import MoE  # noqa: E402
-from colossus.parallel.layout import Layout, build_mesh  # noqa: E402
-from colossus.parallel.parallelize import apply_activation_checkpointing, apply_fsdp, clip_grad_norm  # noqa: E402
+from colossus.parallel.mesh import build_mesh  # noqa: E402
+from colossus.parallel.parallelize import apply_fsdp, apply_recompute, clip_grad_norm  # noqa: E402
 from colossus.parallel.tensor import apply_tensor_parallel  # noqa: E402
+from colossus.train.loss import cross_entropy, loss_context, training_loss  # noqa: E402
 from colossus.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 MOE = ModelConfig(name="tp-moe", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
@@ -74,10 +76,10 @@ def reference(cfg: ModelConfig, dp: int) -> tuple[list[float], list[float], list
     for x, y in batches(cfg):
         loss_sum = ce_sum = 0.0
         for xs, ys in zip(x.chunk(dp), y.chunk(dp)):
-            out = model(xs, ys)
-            (out.loss / dp).backward()
-            loss_sum += out.loss.item() / dp
-            ce_sum += out.ce_loss.item() / dp
+            loss = training_loss(model(xs), ys, cfg)
+            (loss.total / dp).backward()
+            loss_sum += loss.total.item() / dp
+            ce_sum += loss.cross_entropy.item() / dp
         norms.append(clip_grad_norm(list(model.parameters()), TRAIN.grad_clip).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,15 +146,13 @@ def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool, fsdp: b
     problems = check_structure(model, sp, vp)
     seen_seq = []
     model.layers[1].register_forward_pre_hook(lambda m, args: seen_seq.append(args[0].shape[1]))
-    pcfg = ParallelConfig(dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, tp=layout.tp,
-                          activation_checkpoint="full" if extra.ac else "none")
     if extra.ac:
-        apply_activation_checkpointing(model, pcfg)
+        apply_recompute(model, "full")
     if extra.compile:
         for layer in model.layers:
             layer.compile()
     if fsdp:
-        apply_fsdp(model, layout, mesh, pcfg, torch.device("cpu"))
+        apply_fsdp(model, layout, mesh, torch.device("cpu"))
         optimizer = build_optimizer(model, TRAIN, torch.device("cpu"))
     else:
         optimizer = build_mixed_optimizer(model)
@@ -162,30 +162,36 @@ def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool, fsdp: b
     losses, ces, norms = [], [], []
     for x, y in batches(cfg):
         xs, ys = x.chunk(layout.dp)[dp_rank], y.chunk(layout.dp)[dp_rank]
-        out = model(xs, ys)
-        if isinstance(out.loss, DTensor) or isinstance(out.ce_loss, DTensor):
-            problems.append("the model's loss came out as a DTensor")
-        out.loss.backward()
+        out = model(xs)
+        if isinstance(out.logits, DTensor) != vp:
+            problems.append(f"logits {type(out.logits).__name__}: vocabulary-sharded DTensor logits exactly when vp")
+        with loss_context(out.logits):
+            loss = training_loss(out, ys, cfg)
+            loss.total.backward()
+        if isinstance(loss.total, DTensor) or isinstance(loss.cross_entropy, DTensor):
+            problems.append("the loss came out as a DTensor")
         if torch.ops.aten._log_softmax.default in DTensor._op_dispatcher._custom_op_handlers:
             problems.append("loss_parallel was left enabled after the backward")
         norms.append(clip_grad_norm(list(model.parameters()), TRAIN.grad_clip).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        losses.append(dp_mean(out.loss, dp_group))
-        ces.append(dp_mean(out.ce_loss, dp_group))
+        losses.append(dp_mean(loss.total, dp_group))
+        ces.append(dp_mean(loss.cross_entropy, dp_group))
     expected_seq = cfg.seq_len // layout.tp if sp else cfg.seq_len
     if set(seen_seq) != {expected_seq}:
         problems.append(f"blocks saw sequence lengths {set(seen_seq)}, expected {expected_seq}")
 
-    # A generation-style call (no targets) returns the full logits as a plain tensor, also for a
-    # length that tp does not divide; so does an evaluation-style call its cross-entropy.
+    # A length that tp does not divide (generation) gives the full logits (gathered if they are
+    # vocabulary-sharded), and the evaluation's cross-entropy of them.
     x, y = batches(cfg)[0]
     with torch.no_grad():
         logits = model(x[:2, :ODD]).logits
-        odd_ce = model(x[:2, :ODD], y[:2, :ODD]).ce_loss.item()
-    if isinstance(logits, DTensor) or logits.shape != (2, ODD, cfg.vocab_size):
-        problems.append(f"logits without targets: {type(logits).__name__} {tuple(logits.shape)}")
+        with loss_context(logits):
+            odd_ce = cross_entropy(logits, y[:2, :ODD]).item()
+        logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
+    if logits.shape != (2, ODD, cfg.vocab_size):
+        problems.append(f"logits of an odd length: {tuple(logits.shape)}")
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
     return dict(losses=losses, ces=ces, norms=norms, model_sd=model_sd, optim_sd=optim_sd, logits=logits,
@@ -234,7 +240,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    layout = Layout(args.dp, 1, 1, args.tp) if args.hsdp else Layout(1, args.dp, 1, args.tp)
+    if args.hsdp:
+        layout = Layout(dp_replicate=args.dp, dp_shard=1, tp=args.tp, precision="fp32")
+    else:
+        layout = Layout(dp_shard=args.dp, tp=args.tp, precision="fp32")
     mesh = build_mesh(layout, "cpu")
     results = {}
     plain_state: dict[str, tuple] = {}
@@ -255,12 +264,13 @@ def main() -> None:
             x, y = batches(cfg)[0]
             with torch.no_grad():
                 ref_logits = ref_model(x[:2, :ODD]).logits
-                ref_odd_ce = ref_model(x[:2, :ODD], y[:2, :ODD]).ce_loss.item()
+                ref_odd_ce = cross_entropy(ref_logits, y[:2, :ODD]).item()
             if cfg.name not in plain_state:
                 # The plain model's state dicts, for keys and shapes (the optimizer after a step, so it has state).
                 plain = build_model(cfg, seed=SEED)
                 plain_opt = build_optimizer(plain, TRAIN, torch.device("cpu"))
-                plain(*batches(cfg)[0]).loss.backward()
+                x, y = batches(cfg)[0]
+                training_loss(plain(x), y, cfg).total.backward()
                 plain_opt.step()
                 plain_state[cfg.name] = get_state_dict(plain, plain_opt, options=StateDictOptions(full_state_dict=True))
             plain_model_sd, plain_optim_sd = plain_state[cfg.name]

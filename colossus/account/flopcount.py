@@ -2,12 +2,15 @@
 
 FlopCounterMode knows matmuls and attention but not torch._grouped_mm (the MoE experts' kernel), so
 its formula is registered here: a grouped matmul does the work of one matmul over all its rows. A
-compiled FlexAttention kernel cannot run inside the counter: attention_outside_dispatch_modes runs it
-beside the counter and credits its FLOPs.
+compiled FlexAttention kernel cannot run inside the counter: while counting, the model's attention
+cores that pick it run it beside the counter (attention_outside_dispatch_modes), which credits its
+FLOPs. The model itself knows nothing of this.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -28,14 +31,38 @@ def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1] * (a_shape[0] if len(a_shape) == 3 else 1)
 
 
-def counted_flops(step: Callable[[], object]) -> tuple[object, int]:
-    """Run `step` under FlopCounterMode; returns its result and the FLOPs counted (this process)."""
+def counted_flops(step: Callable[[], object], model: torch.nn.Module | None = None) -> tuple[object, int]:
+    """Run `step` (which runs `model`) under FlopCounterMode; returns its result and the FLOPs counted
+    (this process)."""
     mapping = {}
     if hasattr(torch.ops.aten, "_grouped_mm"):
         mapping[torch.ops.aten._grouped_mm] = grouped_mm_flops
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, _flex_beside_counter(model):
         result = step()
     return result, counter.get_total_flops()
+
+
+@contextmanager
+def _flex_beside_counter(model: torch.nn.Module | None) -> Iterator[None]:
+    """While counting, every attention core of `model` (models.grok.AttentionCore: it has kernel_for)
+    that picks FlexAttention runs it outside the counter's dispatch modes."""
+    from colossus.models.grok import AttentionCore
+
+    cores = [m for m in (model.modules() if model is not None else ()) if isinstance(m, AttentionCore)]
+
+    def forward(core: AttentionCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kernel = core.kernel_for(q)
+        if kernel != "flex":
+            return core.attend(kernel, q, k, v)
+        return attention_outside_dispatch_modes(functools.partial(core.attend, "flex"), q, k, v)
+
+    for core in cores:
+        core.forward = types.MethodType(forward, core)
+    try:
+        yield
+    finally:
+        for core in cores:
+            del core.forward
 
 
 def active_flop_counters() -> list[FlopCounterMode]:

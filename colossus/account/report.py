@@ -166,6 +166,22 @@ def _segment_rows(ledger: dict[str, Any]) -> list[list[str]]:
              f"{s['model_flops']:.3g}", f"{s['gpu_hours']:.3g}", s["status"]] for s in ledger.get("segments", [])]
 
 
+def _planner_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The run's measured step time and peak memory beside the planner's prediction for it."""
+    measured, predicted = summary.get("measured"), summary.get("predicted")
+    if not measured:
+        return []
+    rows = []
+    for name, key, unit in (("step time", "step_time_s", "s"), ("peak memory", "peak_memory_gib", "GiB")):
+        guess = predicted.get(key) if predicted else None
+        rows.append([name, f"{guess:.4g} {unit}" if guess else "-", f"{measured[key]:.4g} {unit}",
+                     f"{measured[key] / guess - 1:+.1%}" if guess else "-"])
+    return rows
+
+
+PLANNER_HEADER = ["", "planner predicted", "measured", "error (measured / predicted - 1)"]
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
@@ -203,6 +219,9 @@ def write_report(run: Path) -> tuple[Path, Path]:
     md = [f"# Run report: {run.name}", "", _markdown_table(["", ""], overview), ""]
     for name, caption in records.figures:
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    planner = _planner_rows(summary)
+    if planner:
+        md += ["## The planner against this run", "", _markdown_table(PLANNER_HEADER, planner), ""]
     md += ["## Interruptions, restarts and other events", "",
            f"{checkpoints} checkpoints written. " + ("Other events:" if events else "No other events."), ""]
     if events:
@@ -222,6 +241,8 @@ def write_report(run: Path) -> tuple[Path, Path]:
     for name, caption in records.figures:
         parts.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if planner:
+        parts += ["<h2>The planner against this run</h2>", _html_table(PLANNER_HEADER, planner)]
     parts.append("<h2>Interruptions, restarts and other events</h2>")
     parts.append(f"<p>{checkpoints} checkpoints written.</p>")
     if events:

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from colossus import modelmath
-from colossus.account.flopcount import attention_outside_dispatch_modes
-from colossus.config import ModelConfig
+from colossus.modelconfig import ModelConfig
 from colossus.models.moe import MoE, RouterStats, activation
 
 
@@ -55,13 +53,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return (x32 * cos + swapped * signed_sin).type_as(x)
 
 
+class AttentionCore(nn.Module):
+    """softmax(cap(q k^T / sqrt(head_dim)) + causal mask) v on [batch, heads, seq, head_dim]: the part of
+    attention whose T x T scores selective recomputation recomputes rather than keeps (a module of
+    its own so that it can be wrapped from outside). It picks one kernel per call (kernel_for)."""
+
+    def __init__(self, cfg: ModelConfig, fused: bool = True):
+        super().__init__()
+        self.softcap = cfg.attn_softcap
+        self.train_len = cfg.seq_len
+        self.fused = fused  # scaled_dot_product_attention where the soft-cap allows; False: the math reference
+
+    def kernel_for(self, q: torch.Tensor) -> str:
+        """"sdpa" (no soft-cap: fused), "flex" (soft-capped on a GPU at the training length: one
+        FlexAttention kernel) or "math" (written out: the reference, the cap on a CPU, where
+        FlexAttention has no backward, and generate()'s shorter contexts)."""
+        if self.fused and self.softcap == 0:
+            return "sdpa"
+        if self.fused and q.is_cuda and q.shape[-2] == self.train_len:
+            return "flex"
+        return "math"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.kernel_for(q), q, k, v)
+
+    def attend(self, kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if kernel == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if kernel == "flex":
+            return flex_softcapped_attention(q, k, v, self.softcap)
+        return math_attention(q, k, v, self.softcap)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention: n_heads queries share n_kv_heads keys and values."""
 
     def __init__(self, cfg: ModelConfig, fused: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.fused = fused  # scaled_dot_product_attention where the soft-cap allows; False: the math reference
+        self.core = AttentionCore(cfg, fused)
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -75,14 +105,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.fused and cfg.attn_softcap == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif self.fused and q.is_cuda and seq == cfg.seq_len:
-            out = flex_softcapped_attention(q, k, v, cfg.attn_softcap)
-        else:
-            # Written out: the reference, the cap on a CPU (FlexAttention has no CPU backward; compile
-            # fuses it), and generate()'s shorter contexts (one compiled kernel per training length).
-            out = math_attention(q, k, v, cfg.attn_softcap)
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -119,14 +142,8 @@ def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex_attention() if compiled else flex_attention
-
-    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)),
-                      block_mask=_causal_block_mask(q.shape[-2], str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
-
-    if torch.compiler.is_compiling() or not is_in_torch_dispatch_mode(include_infra_modes=False):
-        return kernel(q, k, v)
-    return attention_outside_dispatch_modes(kernel, q, k, v)  # the trainer's FLOP count of a first step
+    return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)),
+                  block_mask=_causal_block_mask(q.shape[-2], str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
 
 
 @functools.cache
@@ -201,9 +218,11 @@ def scaled(x: torch.Tensor, multiplier: float) -> torch.Tensor:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None  # [batch, seq, vocab]; None when only the loss was asked for
-    loss: torch.Tensor | None  # cross-entropy + weighted MoE losses (what is backpropagated)
-    ce_loss: torch.Tensor | None  # cross-entropy alone (what is reported as "loss")
+    """What the model computes; the loss is computed from it outside the model (colossus.train.loss),
+    so that a tensor-parallel model's vocabulary-sharded logits and a pipeline's last stage need no
+    loss of their own inside the model."""
+
+    logits: torch.Tensor  # [batch, seq, vocab]
     aux_loss: torch.Tensor | None  # mean over layers of the load-balancing loss (unweighted)
     z_loss: torch.Tensor | None  # mean over layers of the router z-loss (unweighted)
     expert_load: torch.Tensor | None  # [n_layers, n_experts] fraction of routed slots
@@ -237,7 +256,7 @@ class Transformer(nn.Module):
                 leaf = name.split(".")[-2] if name.endswith(".weight") else name.split(".")[-1]
                 nn.init.normal_(param, std=out_std if leaf in out_projections else std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
         cfg = self.cfg
         seq = tokens.shape[1]
         cos, sin = rope_tables(seq, cfg.head_dim, cfg.rope_base, tokens.device)
@@ -256,13 +275,7 @@ class Transformer(nn.Module):
             aux = torch.stack([s.aux_loss for s in stats]).mean()
             z = torch.stack([s.z_loss for s in stats]).mean()
             load = torch.stack([s.expert_load for s in stats])
-        if targets is None:
-            return ModelOutput(logits, None, None, aux, z, load)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss = ce
-        if stats:
-            loss = ce + cfg.moe_aux_loss_coef * aux + cfg.moe_z_loss_coef * z
-        return ModelOutput(logits, loss, ce.detach(), aux, z, load)
+        return ModelOutput(logits, aux, z, load)
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
@@ -270,7 +283,10 @@ class Transformer(nn.Module):
         """Sample continuations of [batch, seq] prompts (recomputes the context each step: small models only)."""
         for _ in range(max_new_tokens):
             context = tokens[:, -self.cfg.seq_len:]
-            logits = self(context).logits[:, -1, :].float() / max(temperature, 1e-5)
+            logits = self(context).logits
+            if hasattr(logits, "full_tensor"):  # a tensor-parallel model's logits are sharded on the vocabulary
+                logits = logits.full_tensor()
+            logits = logits[:, -1, :].float() / max(temperature, 1e-5)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

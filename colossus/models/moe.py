@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from colossus.config import ModelConfig
+from colossus.modelconfig import ModelConfig
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Apply a layout to a plain Transformer, in torchtitan's order: tensor parallel, expert parallel,
-activation checkpointing, compile, then FSDP (which must see the final module structure)."""
+activation recomputation, compile, then FSDP (which must see the final module structure)."""
 
 from __future__ import annotations
 
@@ -11,47 +11,74 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from colossus.config import ParallelConfig, TrainConfig
+from colossus.layout import Layout
 from colossus.models.grok import Transformer
 from colossus.models.moe import MoE
 from colossus.parallel.expert import apply_expert_parallel
-from colossus.parallel.layout import Layout, Meshes
+from colossus.parallel.mesh import Meshes
 from colossus.parallel.tensor import apply_tensor_parallel
 
 
-def parallelize(model: Transformer, layout: Layout, mesh: Meshes | None, pcfg: ParallelConfig, tcfg: TrainConfig,
-                device: torch.device) -> None:
+def missing_features(layout: Layout) -> list[str]:
+    """What of `layout` the trainer cannot run yet (the config and the planner accept all of it)."""
+    missing = []
+    if layout.pp > 1:
+        missing.append(f"pipeline parallelism (parallel.pp={layout.pp})")
+    if layout.cp > 1:
+        missing.append(f"context parallelism (parallel.cp={layout.cp})")
+    if layout.tp > 1 and layout.ep > 1:
+        missing.append(f"tensor together with expert parallelism (parallel.tp={layout.tp} with parallel.ep={layout.ep})")
+    if layout.precision == "fp8":
+        missing.append("fp8 training (train.precision=fp8)")
+    return missing
+
+
+def parallelize(model: Transformer, layout: Layout, mesh: Meshes | None, device: torch.device,
+                compile: bool = False) -> None:
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh.tp)
     if layout.ep > 1:
         for layer in model.layers:
             apply_expert_parallel(layer.ffn.experts, mesh.ep, model.cfg.n_experts)
-    if pcfg.activation_checkpoint != "none":
-        apply_activation_checkpointing(model, pcfg)
-    if tcfg.compile:
+    apply_recompute(model, layout.recompute, layout.recompute_every)
+    if compile:
         for layer in model.layers:
             layer.compile()
     if layout.dp > 1 or layout.tp > 1:
         # With tp alone, FSDP over the one-rank dense mesh still makes every parameter a DTensor:
         # tensor parallelism leaves the router plain, and foreach AdamW cannot mix the two kinds.
-        apply_fsdp(model, layout, mesh, pcfg, device)
+        apply_fsdp(model, layout, mesh, device)
 
 
-def apply_activation_checkpointing(model: Transformer, pcfg: ParallelConfig) -> None:
-    """Recompute blocks in the backward instead of keeping their activations: every block ("full")
-    or every ac_every-th block ("selective" by layer, as torchtitan's op-free variant)."""
+def apply_recompute(model: Transformer, recompute: str, every: int = 1) -> None:
+    """Recompute activations in the backward instead of keeping them, in every `every`-th block:
+    "full" reruns the whole block (keeping only its input), "selective" only the attention core
+    (its T x T scores are what it saves; Korthikanti et al. 2022, section 5)."""
+    if recompute == "none":
+        return
     for index, layer in enumerate(model.layers):
-        if pcfg.activation_checkpoint == "full" or index % pcfg.ac_every == 0:
+        if index % every:
+            continue
+        if recompute == "full":
             model.layers[index] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        else:
+            layer.attention.core = checkpoint_wrapper(layer.attention.core, preserve_rng_state=False)
 
 
-def apply_fsdp(model: Transformer, layout: Layout, mesh: Meshes, pcfg: ParallelConfig, device: torch.device) -> None:
-    """FSDP2 per block and at the root; HSDP when dp_replicate > 1. Experts under expert parallelism
-    are sharded over the data-parallel ranks that hold the same experts, and their gradients divided
-    by the full data-parallel degree (their tokens came from all ep ranks)."""
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """FSDP's policy for train.precision: bf16 gathers bf16 weights and reduces gradients in fp32."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: Transformer, layout: Layout, mesh: Meshes, device: torch.device) -> None:
+    """FSDP2 per block and at the root; HSDP when dp_replicate > 1, replicate-only under ZeRO 0.
+    Experts under expert parallelism are sharded over the data-parallel ranks that hold the same
+    experts, and their gradients divided by the full data-parallel degree (their tokens came from
+    all ep ranks)."""
     dense_mesh, expert_mesh = mesh.dense, mesh.expert_dp
-    options = dict(mp_policy=mixed, reshard_after_forward=pcfg.reshard_after_forward)
+    options = dict(mp_policy=mixed_precision(layout.precision), reshard_after_forward=layout.zero >= 3)
     for layer in model.layers:
         block = layer._checkpoint_wrapped_module if hasattr(layer, "_checkpoint_wrapped_module") else layer
         ignored = None

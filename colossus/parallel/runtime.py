@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from colossus.config import RunConfig
+from colossus.config import RunConfig, layout_from_config
 from colossus.errors import UserError
-from colossus.parallel.layout import Layout, Meshes, build_mesh, check_layout_fits, resolve_layout
+from colossus.layout import Layout, check_fits
+from colossus.parallel.mesh import Meshes, build_mesh
+from colossus.parallel.parallelize import missing_features
 
 
 @dataclass
@@ -71,12 +73,29 @@ def pick_device(config: RunConfig) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def resolve_layout(config: RunConfig, world_size: int, device_type: str) -> Layout:
+    """The config's layout on this world, checked: its product is the world size, it divides the model
+    and the batch, and the trainer can run it (one line naming what is wrong, before anything is built)."""
+    layout = layout_from_config(config, world_size, device_type)
+    missing = missing_features(layout)
+    lacks = f"; the trainer also lacks {' and '.join(missing)} yet" if missing else ""
+    if layout.world_size != world_size:
+        raise UserError(
+            f"the layout {layout.describe().split(',')[0]} needs {layout.world_size:,} processes, but {world_size:,} "
+            f"{'was' if world_size == 1 else 'were'} launched; launch {layout.world_size:,} (torchrun --nproc-per-node "
+            f"x --nnodes) or change [parallel] (parallel.dp_shard=-1 takes the rest){lacks}")
+    check_fits(layout, config.model)
+    if missing:
+        raise UserError(f"the trainer cannot run {' nor '.join(missing)} yet; plan it with `colossus plan`, or "
+                        "choose a layout without it")
+    return layout
+
+
 def setup_runtime(config: RunConfig) -> Runtime:
     """Check the layout against the world size and the model, then join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    layout = resolve_layout(config.parallel, world_size)
-    check_layout_fits(layout, config.model, config.train)
     device = pick_device(config)
+    layout = resolve_layout(config, world_size, device.type)
     if world_size == 1:
         return Runtime(device, layout, None, 0)
     if device.type == "cuda":

@@ -14,9 +14,10 @@ the same sequences:
   split on the sequence dimension, the RMSNorms run on their sequence shard, and the all-reduce
   after each row-wise projection becomes a reduce-scatter followed by an all-gather before the next
   column-wise one;
-- vocabulary parallelism, optional: the (tied) embedding table is split on the vocabulary, the output
-  projection produces vocabulary-sharded logits and the cross-entropy runs on them without gathering
-  (torch's loss_parallel, enabled around the model's forward and the cross-entropy's backward).
+- vocabulary parallelism, optional: the (tied) embedding table is split on the vocabulary and the
+  output projection produces vocabulary-sharded logits (a DTensor); the loss, computed outside the
+  model (colossus.train.loss), runs the cross-entropy on them without gathering (torch's
+  loss_parallel), and generation gathers them.
 
 Every sharded weight is a DTensor over the tp mesh under its original name, so DCP checkpoints
 reshard between layouts, FSDP2 over the dense mesh composes with it (2-D DTensors), and
@@ -29,8 +30,6 @@ dense mesh (which excludes tp) needs no extra scaling or reduction over tp.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +41,6 @@ from torch.distributed.tensor.parallel import (
     PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
-    loss_parallel,
     parallelize_module,
 )
 
@@ -91,97 +89,11 @@ def shard_experts(experts: nn.Module, mesh: DeviceMesh) -> None:
     experts.register_forward_hook(hooks.after)
 
 
-# ------------------------------------------------------------------ the vocabulary-parallel loss
-
-
-class _LossParallelBackward(torch.autograd.Function):
-    """Identity on the loss whose backward turns loss_parallel on, so the cross-entropy's backward
-    (which autograd runs next on this path) also works on the vocabulary shards; a hook on the logits'
-    gradient turns it off again once that backward is done."""
-
-    @staticmethod
-    def forward(ctx, loss: torch.Tensor, switch: "_LossParallelSwitch") -> torch.Tensor:
-        ctx.switch = switch
-        return loss.clone()  # not a view (see _plain)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.switch.enter()
-        return grad, None
-
-
-class _LossParallelSwitch:
-    """Enters and exits one torch loss_parallel() context, at most once each."""
-
-    def __init__(self):
-        self._context = None
-
-    def enter(self) -> None:
-        if self._context is None:
-            self._context = loss_parallel()
-            self._context.__enter__()
-
-    def exit(self, *_) -> None:
-        if self._context is not None:
-            context, self._context = self._context, None
-            context.__exit__(None, None, None)
-
-
-class _VocabParallelOutput:
-    """Hooks for vocabulary parallelism: loss_parallel on from the final norm to the end of the
-    model's forward (the output projection and the cross-entropy inside Transformer.forward, which
-    see vocabulary-sharded DTensor logits; not the blocks, which torch.compile may trace), and the
-    outputs turned back into plain tensors: the loss (replicated), and the logits gathered when the
-    caller asked for logits only (generation). With targets, the sharded logits are not gathered:
-    the output's logits are None, as ModelOutput allows when the loss was asked for."""
-
-    def __init__(self):
-        self.forward_switch = _LossParallelSwitch()
-
-    def after_final_norm(self, module: nn.Module, args: tuple, output) -> None:
-        self.forward_switch.enter()
-
-    def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        self.forward_switch.exit()
-        if output is None:  # the forward raised; always_call only guarantees the context is left
-            return None
-        logits, loss = output.logits, output.loss
-        if isinstance(loss, DTensor):
-            if loss.requires_grad and isinstance(logits, DTensor) and logits.requires_grad:
-                backward_switch = _LossParallelSwitch()
-                output.loss = _LossParallelBackward.apply(loss.to_local(), backward_switch)
-                logits.register_hook(lambda grad: backward_switch.exit())
-            else:
-                output.loss = _plain(loss)
-        for name in ("ce_loss", "aux_loss", "z_loss"):
-            value = getattr(output, name)
-            if isinstance(value, DTensor):
-                setattr(output, name, _plain(value))
-        if isinstance(logits, DTensor):
-            output.logits = logits.full_tensor() if output.loss is None else None
-        return output
-
-
-def _plain(value: DTensor) -> torch.Tensor:
-    """The local value of a replicated DTensor, as a tensor of its own (to_local returns a view, which
-    FSDP warns about on a root module's outputs)."""
-    return value.to_local().clone()
-
-
-def _replicated_router_losses(mesh: DeviceMesh, module: nn.Module, args: tuple, output: tuple) -> tuple:
-    out, stats = output
-    for name in ("aux_loss", "z_loss"):
-        value = getattr(stats, name)
-        if not isinstance(value, DTensor):
-            setattr(stats, name, DTensor.from_local(value, mesh, [Replicate()], run_check=False))
-    return out, stats
-
-
 class _PadSequence:
     """Sequence parallelism splits the sequence evenly over the tp ranks. Training and validation
     sequences are model.seq_len long (which tp divides); other lengths (generation) are padded at
-    the end to a multiple of tp, with targets ignored there, and the logits cut back. Causal
-    attention keeps the padding from changing earlier positions (MoE router statistics do count it)."""
+    the end to a multiple of tp and the logits cut back. Causal attention keeps the padding from
+    changing earlier positions (MoE router statistics do count it)."""
 
     def __init__(self, tp: int):
         self.tp = tp
@@ -194,16 +106,12 @@ class _PadSequence:
         self._cuts.append(seq if pad else None)
         if not pad:
             return None
-        targets = args[1] if len(args) > 1 else kwargs.get("targets")
-        tokens = F.pad(tokens, (0, pad))
-        if targets is not None:
-            targets = F.pad(targets, (0, pad), value=-100)  # F.cross_entropy's ignore_index
-        return (tokens, targets), {}
+        return (F.pad(tokens, (0, pad)),), {}
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output):
         seq = self._cuts.pop() if self._cuts else None
-        if seq is not None and output is not None and output.logits is not None:
-            output.logits = output.logits[:, :seq].clone()  # a copy, not a view (see _plain)
+        if seq is not None and output is not None:
+            output.logits = output.logits[:, :seq].clone()  # a copy, not a view of the padded logits
         return output
 
 
@@ -280,14 +188,4 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
     if sequence_parallel:
         padding = _PadSequence(tp)
         model.register_forward_pre_hook(padding.before, with_kwargs=True)
-    if vocab_parallel:
-        # The cross-entropy is a replicated DTensor and is summed with the MoE losses, plain tensors
-        # that autograd could not mix with it: make those replicated DTensors too.
-        for layer in model.layers:
-            if isinstance(layer.ffn, MoE):
-                layer.ffn.register_forward_hook(partial(_replicated_router_losses, tp_mesh))
-        hooks = _VocabParallelOutput()
-        model.norm.register_forward_hook(hooks.after_final_norm)
-        model.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
-    if sequence_parallel:
         model.register_forward_hook(padding.after, with_kwargs=True, always_call=True)

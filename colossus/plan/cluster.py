@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from colossus.errors import UserError
-from colossus.plan.hardware import GPU, GPUS, get_gpu
+from colossus.hardware import GPU, GPUS, get_gpu
 
 
 @dataclass(frozen=True)

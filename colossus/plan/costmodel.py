@@ -1,14 +1,14 @@
 """The cost model: step time, memory and power of one parallel layout, from small named formulas.
 
 Inputs are plain data: a ModelConfig (its numbers come from colossus.modelmath, the one source of
-truth), a Cluster and a Layout. A GPU is described by its datasheet (plan/hardware.py); a measured
+truth), a Cluster and a Layout. A GPU is described by its datasheet (colossus/hardware.py); a measured
 machine (plan/profile.py, written by `colossus bench`) can replace the datasheet for compute and
 all-reduce, which is how the planner predicts this machine's own CPU steps.
 
-Layout conventions follow Megatron-LM (Narayanan et al. 2021; Korthikanti et al. 2022): tensor
-parallelism (tp) always with sequence parallelism, inside the NVLink domain; context parallelism
-(cp) next; expert parallelism (ep) over data-parallel ranks; pipeline stages (pp) outermost, with
-`vpp` interleaved virtual stages each. GPUs = tp * cp * pp * dp.
+The Layout is the trainer's own (colossus.layout), with Megatron-LM's conventions (Narayanan et al.
+2021; Korthikanti et al. 2022): tensor parallelism (tp) always with sequence parallelism, inside the
+NVLink domain; context parallelism (cp) next; expert parallelism (ep) over data-parallel ranks;
+pipeline stages (pp) outermost, with `vpp` interleaved virtual stages each. GPUs = tp * cp * pp * dp.
 """
 
 from __future__ import annotations
@@ -17,40 +17,13 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from colossus import modelmath
-from colossus.config import ModelConfig
+from colossus.errors import UserError
+from colossus.hardware import GPU, NIC_EFFICIENCY, NVLINK_EFFICIENCY, gemm_peak_efficiency
+from colossus.layout import Layout
+from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
-from colossus.plan.hardware import GPU, NIC_EFFICIENCY, NVLINK_EFFICIENCY, gemm_peak_efficiency
 
 GIB = 2**30
-RECOMPUTE = ("none", "selective", "full")
-PRECISIONS = ("bf16", "fp8")
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1  # virtual pipeline stages per GPU (interleaved 1F1B)
-    dp: int = 1  # data-parallel replicas (ZeRO shards over these)
-    ep: int = 1  # expert-parallel group, inside the data-parallel ranks
-    cp: int = 1  # context parallel: each sequence split over cp GPUs
-    mbs: int = 1  # micro-batch, sequences
-    gbs: int = 1  # global batch, sequences
-    recompute: str = "none"
-    zero: int = 1  # 0 plain DP, 1 optimizer state, 2 + gradients, 3 + weights sharded (FSDP)
-    precision: str = "bf16"
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.cp * self.pp * self.dp
-
-    @property
-    def micro_batches(self) -> int:
-        return self.gbs // (self.dp * self.mbs)
-
-    def describe(self) -> str:
-        return (f"tp{self.tp} pp{self.pp}" + (f"x{self.vpp}" if self.vpp > 1 else "") + f" dp{self.dp} ep{self.ep} "
-                f"cp{self.cp} mbs{self.mbs} gbs{self.gbs} {self.recompute} zero{self.zero} {self.precision}")
 
 
 @dataclass
@@ -68,7 +41,7 @@ class Prediction:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        out["layout"] = asdict(self.layout)
+        out["layout"] = self.layout.to_json()
         return out
 
 
@@ -232,7 +205,7 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
     # Scores and values per head and sequence: (T/cp x Q) by (Q x T), then (T/cp x T) by (T x Q).
     per_head = gemm(seq / cp, seq, q) + gemm(seq / cp, q, seq)
     attention = mbs * heads * per_head
-    element_bytes = 4 if machine.profile is not None else 2  # fp32 on CPU, bf16 on GPUs
+    element_bytes = modelmath.ACTIVATION_ELEMENT_BYTES[precision]
     score_forward = score_backward = 0.0
     measured_pointwise = machine.profile is not None and getattr(machine.profile, "pointwise_elements_per_s", 0) > 0
     if not software.fused_attention and not measured_pointwise:
@@ -294,11 +267,12 @@ _FSDP_PROBE_BYTES = (128 * 128 + 128) * 4
 RESERVED_GIB = 3.0
 
 
-def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Software()) -> dict[str, float]:
+def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Software(),
+                     reserved_gib: float = RESERVED_GIB) -> dict[str, float]:
     """Bytes per GPU of the most loaded (first) pipeline stage at its peak: as the backward starts, as
     it passes a layer, or (gradients freed each step) as it ends."""
     dense, expert = stage_params(m, layout)
-    replicas = layout.dp * layout.cp  # ranks holding the same dense shard
+    replicas = layout.shard_group  # ranks sharding the dense state (never across dp_replicate: HSDP)
     expert_replicas = max(replicas // layout.ep, 1)
     weight_bytes, grad_bytes, optimizer_bytes = modelmath.STATE_BYTES[layout.precision]
     element_bytes = modelmath.ACTIVATION_ELEMENT_BYTES[layout.precision]
@@ -313,7 +287,9 @@ def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Softwa
     in_flight = min(layout.pp, layout.micro_batches)
     if layout.vpp > 1:
         in_flight *= 1 + (layout.pp - 1) / (layout.pp * layout.vpp)
-    kept = stored(layout.recompute) * layers * in_flight  # what the forward leaves for the backward
+    # What the forward leaves for the backward; parallel.recompute_every recomputes only some blocks.
+    fraction = layout.recomputed_fraction(m.n_layers)
+    kept = (fraction * stored(layout.recompute) + (1 - fraction) * stored("none")) * layers * in_flight
     # fp32 logits of the loss. Eager PyTorch briefly holds four copies as the backward starts (the
     # logits, log-softmax's output and the gradients of both), one while the layers' backward runs.
     logit = (4 * m.vocab_size * tokens / layout.tp) if layout.pp == 1 else 0.0
@@ -336,7 +312,7 @@ def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Softwa
         layer = modelmath.layer_params(m) / layout.tp
         unsharded = 2 * layer * weight_bytes / (layout.ep if m.is_moe else 1)
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
-            "buffers": unsharded, "reserved": RESERVED_GIB * GIB}
+            "buffers": unsharded, "reserved": reserved_gib * GIB}
 
 
 # ------------------------------------------------------------------------------------ step time
@@ -353,16 +329,22 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
         layer = layer_cost(m, machine, *key, software)
         if layer_costs is not None:
             layer_costs[key] = layer
+    if layout.pp_schedule == "zbv":
+        raise UserError("the cost model has no zero-bubble (zbv) pipeline schedule yet; plan with pp_schedule=1f1b "
+                        "or interleaved-1f1b")
     attention_forward = layer.attention_core + layer.score_forward
-    # Full recompute reruns the whole forward: its GEMMs and its element-wise third (fwd = 1 of 3 passes).
-    recompute_extra = {"none": 0.0, "selective": attention_forward,
-                       "full": layer.forward_gemm + attention_forward + layer.elementwise / 3}[layout.recompute]
+    # Full recompute reruns the whole forward: its GEMMs and its element-wise third (fwd = 1 of 3 passes),
+    # in the fraction of the blocks that recompute (parallel.recompute_every).
+    fraction = layout.recomputed_fraction(m.n_layers)
+    recompute_extra = fraction * {"none": 0.0, "selective": attention_forward,
+                                  "full": layer.forward_gemm + attention_forward + layer.elementwise / 3}[layout.recompute]
     # Backward GEMMs: two per forward one (input and weight gradients; Kaplan et al. 2020, section 2.1).
     compute_layer = (3 * (layer.forward_gemm + layer.attention_core) + layer.score_forward + layer.score_backward
                      + recompute_extra + layer.elementwise)
     # Recomputing a layer under sequence parallelism repeats its forward all-gathers (Korthikanti 4.2.2).
-    tp_layer = layer.tp_comm * (1.5 if layout.recompute == "full" else 1.0)
-    ep_layer = layer.ep_comm * (1.5 if layout.recompute == "full" else 1.0)
+    repeated = 1.0 + (0.5 * fraction if layout.recompute == "full" else 0.0)
+    tp_layer = layer.tp_comm * repeated
+    ep_layer = layer.ep_comm * repeated
     cp_exposed = max(0.0, layer.cp_comm - 3 * layer.attention_core)  # overlapped with attention (ring attention)
     layers_per_stage = math.ceil(m.n_layers / layout.pp)  # the fullest stage paces the pipeline
     stage = layers_per_stage * (compute_layer + tp_layer + ep_layer + cp_exposed)
@@ -382,7 +364,8 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     pipeline = n_micro * micro + bubble
 
     dense, expert = stage_params(m, layout)
-    replicas = layout.dp * layout.cp
+    # Ranks that shard the state (ZeRO 1-3), or that all-reduce whole gradients (ZeRO 0).
+    replicas = layout.shard_group if layout.zero >= 1 else layout.dp * layout.cp
     inside_dp = layout.tp * layout.cp * layout.dp <= cluster.gpus_per_node
     grad_bytes = modelmath.WEIGHT_BYTES  # gradients are reduced in bf16 (Megatron-LM, FSDP MixedPrecisionPolicy)
     if layout.zero >= 3:
@@ -413,19 +396,23 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
         sync = all_reduce_time(machine, (dense + expert) * grad_bytes, replicas, inside_dp)
         overlap = 2 / 3 * micro if layout.pp == 1 and software.overlap_grad_reduce else 0.0
         data_parallel = max(0.0, sync - overlap)
-    if replicas > 1:  # each step's scalar all-reduces: gradient norm, loss for logging, the stop flag
-        data_parallel += 3 * all_reduce_time(machine, 4.0, replicas, inside_dp)
+    if layout.zero >= 1 and layout.dp_replicate > 1:
+        # HSDP: each shard's gradients are also all-reduced across the replicas (outside the node).
+        shard_bytes = (dense / replicas + expert / max(replicas // layout.ep, 1)) * grad_bytes
+        data_parallel += all_reduce_time(machine, shard_bytes, layout.dp_replicate, False)
+    if layout.dp * layout.cp > 1:  # each step's scalar all-reduces: gradient norm, loss for logging, the stop flag
+        data_parallel += 3 * all_reduce_time(machine, 4.0, layout.dp * layout.cp, inside_dp)
     owned = dense / (replicas if layout.zero >= 1 else 1) + expert / (max(replicas // layout.ep, 1) if layout.zero >= 1 else 1)
     optimizer = machine.memory_time(OPTIMIZER_BYTES_PER_PARAM * owned)
     step = pipeline + data_parallel + optimizer
 
-    memory = memory_breakdown(m, layout, software)
+    memory = memory_breakdown(m, layout, software, 0.0 if profile is not None else RESERVED_GIB)  # no CUDA context on a CPU
     total_memory = sum(memory.values())
     capacity = cluster.gpu.hbm_gb * 1e9
     tokens_per_step = layout.gbs * m.seq_len
     flops_per_token = modelmath.flops_per_token(m)
     tokens_per_s = tokens_per_step / step
-    per_gpu = tokens_per_s * flops_per_token / layout.gpus
+    per_gpu = tokens_per_s * flops_per_token / layout.world_size
     peak = (profile.peak_flops() if profile is not None else cluster.gpu.peak_flops(layout.precision))
     time_parts = {
         "compute": n_micro * layers_per_stage * compute_layer,

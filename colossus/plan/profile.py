@@ -60,6 +60,9 @@ class MachineProfile:
     # rows [processes, seconds per unit, seconds per parameter tensor]: what FSDP2 adds to a forward +
     # backward (collectives on this backend, hooks, copies), measured on small layers: the fixed costs
     fsdp_unit: list[list[float]] = field(default_factory=list)
+    # The best FLOP/s of large square matmuls (gemm_peak_flops): what MFU is measured against, by the
+    # trainer and the planner alike (0 in profiles from before it was measured: the grid's best then).
+    gemm_peak: float = 0.0
 
     def fsdp_unit_time(self, processes: int, tensors: int) -> float | None:
         """FSDP2's fixed cost per forward + backward of a unit holding `tensors` parameter tensors,
@@ -92,7 +95,7 @@ class MachineProfile:
 
     def peak_flops(self) -> float:
         """The fastest matmul measured: what MFU on this machine is measured against."""
-        return max(row[3] for row in self.matmul)
+        return max(self.gemm_peak, max(row[3] for row in self.matmul))
 
     def matmul_time(self, m: int, n: int, k: int) -> float:
         """Seconds for one [m,k] x [k,n] matmul."""
@@ -157,20 +160,65 @@ def default_profile_path() -> Path:
     return cache_root(DataConfig()) / PROFILE_FILE
 
 
+def profile_for(threads: int, dtype: str = "float32", processes: int = 1,
+                say: Callable[[str], None] = print) -> MachineProfile:
+    """This CPU's profile for `threads` intra-op threads and `dtype` matmuls (with all-reduce timings
+    when `processes` > 1): the one `colossus bench` wrote if it fits, else one cached earlier beside
+    it, else a quick one measured now (10-20 s, said through `say`) and cached for next time."""
+    bench = default_profile_path()
+    keyed = bench.with_name(f"machine_profile-cpu-{threads}t-{dtype}.json")
+    for path in (bench, keyed):
+        try:
+            profile = MachineProfile.load(path)
+        except UserError:
+            continue
+        if (profile.device, profile.threads, profile.dtype) == ("cpu", threads, dtype) and \
+                (processes == 1 or profile.allreduce) and profile.gemm_peak > 0:
+            return profile
+    say(f"measuring this machine for the planner's prediction ({threads} thread{'s' * (threads != 1)}, {dtype}; "
+        f"10-20 s, once: `colossus bench --quick`, cached in {keyed})")
+    # In a process of its own, so that its buffers do not count in this run's peak memory.
+    precision = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    command = [sys.executable, "-m", "colossus", "bench", "--quick", "--threads", str(threads), "--precision", precision,
+               "--out", str(keyed), "--json"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise UserError(f"measuring this machine for the planner failed: {lines[-1]}; run `colossus bench` to see why")
+    return MachineProfile.load(keyed)
+
+
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """The best FLOP/s of large square matmuls (median of `repeats` timings each): this machine's GEMM
+    peak, the denominator of MFU for the trainer, the planner and the benchmarks alike."""
+    sizes = (4096, 8192) if device.type == "cuda" else (1024, 1536, 2048)
+    best = 0.0
+    for size in sizes:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        out = torch.empty(size, size, device=device, dtype=dtype)
+        seconds = [_run(lambda: torch.mm(a, b, out=out), device, 1) for _ in range(repeats + 1)][1:]  # 1st: warm-up
+        best = max(best, 2.0 * size**3 / sorted(seconds)[len(seconds) // 2])
+    return best
+
+
 def measure(threads: int | None = None, sizes: Sequence[int] | None = None, processes: Sequence[int] = (2,),
-            quick: bool = False) -> MachineProfile:
-    """Measure this machine: a CUDA GPU if one is visible, else the CPU with `threads` intra-op threads
-    (default: torch's current setting, restored afterwards). `processes` lists the all-reduce world
-    sizes to measure (1 needs no measurement; on GPUs, counts above the GPUs visible are skipped)."""
+            quick: bool = False, dtype: torch.dtype | None = None, device: torch.device | None = None) -> MachineProfile:
+    """Measure this machine: a CUDA GPU if one is visible (or `device`), else the CPU with `threads`
+    intra-op threads (default: torch's current setting, restored afterwards), in `dtype` (default:
+    bf16 on a GPU, fp32 on a CPU). `processes` lists the all-reduce world sizes to measure (1 needs
+    no measurement; on GPUs, counts above the GPUs visible are skipped)."""
     if threads is not None and threads < 1:
         raise UserError(f"threads must be at least 1, got {threads}")
     if sizes is not None and (not sizes or any(size < 1 for size in sizes)):
         raise UserError(f"matmul sizes must be positive integers, got {list(sizes)}")
     if any(p < 1 for p in processes):
         raise UserError(f"process counts must be at least 1, got {list(processes)}")
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     if sizes is None:
         sizes = (GPU_QUICK_SIZES if quick else GPU_SIZES) if cuda else (CPU_QUICK_SIZES if quick else CPU_SIZES)
     before = torch.get_num_threads()
@@ -180,6 +228,7 @@ def measure(threads: int | None = None, sizes: Sequence[int] | None = None, proc
         used_threads = torch.get_num_threads()
         shapes = [(m, n, k) for m in sorted(set(sizes)) for n in sorted(set(sizes)) for k in sorted(set(sizes))]
         seconds = measure_compute(shapes, device, dtype, quick)
+        gemm_peak = gemm_peak_flops(device, dtype)
     finally:
         torch.set_num_threads(before)
     matmul = [[m, n, k, 2.0 * m * n * k / t] for (m, n, k), t in zip(shapes, seconds)]
@@ -203,7 +252,7 @@ def measure(threads: int | None = None, sizes: Sequence[int] | None = None, proc
     return MachineProfile(name=name, device=device.type, dtype=str(dtype).removeprefix("torch."),
                           threads=used_threads, matmul=matmul, memory_bytes_per_s=memory,
                           op_overhead_s=overhead, allreduce=allreduce, pointwise_elements_per_s=pointwise,
-                          autograd_op_s=autograd_op, fsdp_unit=fsdp_unit)
+                          autograd_op_s=autograd_op, fsdp_unit=fsdp_unit, gemm_peak=gemm_peak)
 
 
 # The pointwise mix of a transformer block: scaling, residual adds, RMSNorm's pieces, RoPE's
@@ -493,7 +542,7 @@ def _problem(data: object) -> str | None:
     if not isinstance(data, dict):
         return "not a JSON object"
     names = [f.name for f in fields(MachineProfile)]
-    optional = {"pointwise_elements_per_s", "autograd_op_s", "fsdp_unit"}
+    optional = {"pointwise_elements_per_s", "autograd_op_s", "fsdp_unit", "gemm_peak"}
     if not set(names) - optional <= set(data) <= set(names):
         missing, extra = sorted(set(names) - optional - set(data)), sorted(set(data) - set(names))
         return f"missing {missing}" if missing else f"unknown keys {extra}"

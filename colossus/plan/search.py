@@ -9,46 +9,42 @@ experts, sequence) and the global batch splits into whole micro-batches on every
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from colossus.config import ModelConfig
 from colossus.errors import UserError
+from colossus.layout import LAYOUT_KEYS, RECOMPUTE, Layout, check_fits, check_value
+from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
-from colossus.plan.costmodel import PRECISIONS, RECOMPUTE, Layout, Prediction, Software, predict
+from colossus.plan.costmodel import Prediction, Software, predict
 
-LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "ep", "cp", "mbs", "gbs", "recompute", "zero", "precision")
 # Without gbs: about 16M tokens per step (Llama 3 405B's batch, Dubey et al. 2024, section 3.4), or the
 # smallest batch the layout allows (one micro-batch per data-parallel rank) when that is larger; layouts
 # whose smallest batch exceeds 8x that (128M tokens) are left out (past the critical batch size more tokens per step
 # stop buying progress, McCandlish et al. 2018), unless no other layout exists.
 DEFAULT_BATCH_TOKENS = 16 * 2**20
 MAX_DEFAULT_BATCH_TOKENS = 8 * DEFAULT_BATCH_TOKENS
+# On a measured machine (--cluster local-N) the default batch is the trainer's own default,
+# train.global_batch = 8 sequences (or one micro-batch per rank when that is more): a plan runs here.
+LOCAL_BATCH_SEQUENCES = 8
+_TEXT_KEYS = ("recompute", "precision", "pp_schedule")
 
 
 def parse_layout(text: str) -> dict[str, int | str]:
-    """`tp=8,pp=4,recompute=full` -> a dict of fixed layout keys (a UserError names a bad one)."""
+    """`tp=8,pp=4,recompute=full` -> a dict of fixed layout keys (a UserError names a bad one). The keys
+    are colossus.layout.Layout's fields, and `dp`, the data-parallel degree (see layout_from_keys)."""
     fixed: dict[str, int | str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or key not in LAYOUT_KEYS:
             raise UserError(f"--layout {item!r}: expected K=V with K one of {', '.join(LAYOUT_KEYS)}")
-        if key == "recompute":
-            if value not in RECOMPUTE:
-                raise UserError(f"--layout recompute={value!r} is not one of {', '.join(RECOMPUTE)}")
-            fixed[key] = value
-        elif key == "precision":
-            if value not in PRECISIONS:
-                raise UserError(f"--layout precision={value!r} is not one of {', '.join(PRECISIONS)}")
-            fixed[key] = value
-        else:
+        if key not in _TEXT_KEYS:
             try:
-                number = int(value)
+                value = int(value)
             except ValueError:
                 raise UserError(f"--layout {key}={value!r} must be an integer") from None
-            if number < (0 if key == "zero" else 1) or (key == "zero" and number > 3):
-                raise UserError(f"--layout {key}={number} is out of range" + (" (0-3)" if key == "zero" else " (>= 1)"))
-            fixed[key] = number
+        check_value(key, value, f"--layout {key}")
+        fixed[key] = value
     return fixed
 
 
@@ -66,9 +62,11 @@ class SearchResult:
 
 
 def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
-               max_batch_tokens: float = float("inf")) -> list[Layout]:
+               max_batch_tokens: float = float("inf"), precision: str = "bf16",
+               batch_tokens: float = DEFAULT_BATCH_TOKENS) -> list[Layout]:
     """Every layout allowed by the model, the GPU count and the fixed keys (and, when gbs is not
-    fixed, whose smallest batch stays within max_batch_tokens)."""
+    fixed, whose smallest batch stays within max_batch_tokens) that the trainer's own checks accept
+    (colossus.layout.check_fits): whatever the planner ranks, `colossus train` can be given."""
     pick = lambda key, options: [fixed[key]] if key in fixed else options  # noqa: E731
     layouts = []
     tps = pick("tp", [t for t in _divisors(gpus_per_node) if m.n_heads % t == 0 and m.n_kv_heads % t == 0])
@@ -78,7 +76,7 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
     mbss = pick("mbs", [1, 2, 4, 8])
     recomputes = pick("recompute", list(RECOMPUTE))
     zeros = pick("zero", [0, 1, 2, 3])
-    precision = fixed.get("precision", "bf16")
+    precision = fixed.get("precision", precision)
     for tp in tps:
         for cp in cps:
             for pp in pps:
@@ -107,26 +105,53 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
                                 if gbs % unit or micro < pp or (vpp > 1 and micro % pp):
                                     continue
                             else:
-                                micro = max(pp, math.ceil(DEFAULT_BATCH_TOKENS / m.seq_len / unit))
+                                micro = max(pp, math.ceil(batch_tokens / m.seq_len / unit))
                                 if vpp > 1:
                                     micro = math.ceil(micro / pp) * pp
                                 gbs = unit * micro
                                 if gbs * m.seq_len > max_batch_tokens and micro == max(pp, 1):
                                     continue
+                            schedule = fixed.get("pp_schedule", "interleaved-1f1b" if vpp > 1 else "1f1b")
                             for recompute in recomputes:
                                 for zero in zeros:
                                     if zero > 0 and dp * cp == 1 and "zero" not in fixed:
                                         continue  # nothing to shard over
-                                    layouts.append(Layout(tp, pp, vpp, dp, ep, cp, mbs, gbs, recompute, zero, precision))
+                                    layout = _split(m, fixed, dict(
+                                        tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, zero=zero, mbs=mbs, gbs=gbs,
+                                        recompute=recompute, recompute_every=fixed.get("recompute_every", 1),
+                                        precision=precision, pp_schedule=schedule), dp)
+                                    if layout is not None:
+                                        layouts.append(layout)
     return layouts
+
+
+def _split(m: ModelConfig, fixed: dict, keys: dict, dp: int) -> Layout | None:
+    """The layout with data-parallel degree `dp` split into dp_replicate x dp_shard x ep as the ZeRO
+    stage and the fixed keys say, or None where they cannot be or the trainer's checks refuse it."""
+    ep, zero = keys["ep"], keys["zero"]
+    replicate = fixed.get("dp_replicate", dp // ep if zero == 0 else 1)
+    if dp % (ep * replicate):
+        return None
+    shard = dp // (ep * replicate)
+    if fixed.get("dp_shard", shard) != shard or (zero == 0 and shard != 1):
+        return None
+    layout = Layout(**keys, dp_replicate=replicate, dp_shard=shard)
+    try:
+        check_fits(layout, m)
+    except UserError:
+        return None
+    return layout
 
 
 def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile: object | None = None,
            software: Software = Software()) -> SearchResult:
     _check_fixed(m, cluster, fixed)
-    layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed, MAX_DEFAULT_BATCH_TOKENS)
+    # A measured machine is planned in the precision it was measured in (fp32 on a CPU).
+    precision = {"float32": "fp32", "bfloat16": "bf16"}.get(getattr(profile, "dtype", ""), "bf16")
+    batch = LOCAL_BATCH_SEQUENCES * m.seq_len if profile is not None else DEFAULT_BATCH_TOKENS
+    layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed, MAX_DEFAULT_BATCH_TOKENS, precision, batch)
     if not layouts:
-        layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed)
+        layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed, precision=precision, batch_tokens=batch)
     if not layouts:
         raise UserError(_why_no_layout(m, cluster, fixed))
     layer_costs: dict = {}
@@ -165,5 +190,3 @@ def _why_no_layout(m: ModelConfig, cluster: Cluster, fixed: dict) -> str:
             f"({', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing fixed'}); try another --gpus")
 
 
-def layout_fields() -> list[str]:
-    return [f.name for f in fields(Layout)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from colossus.config import config_from_dict
 from colossus.plan.cluster import Cluster
 from colossus.plan.costmodel import Prediction, Software
-from colossus.plan.hardware import get_gpu
+from colossus.hardware import get_gpu
 from colossus.plan.search import LAYOUT_KEYS, search
 
 DATA = Path(__file__).parent / "data" / "published_runs.toml"
@@ -60,7 +60,7 @@ def markdown_table(checked: list[Checked]) -> str:
              "|---|---|---|---|---|---|"]
     for c in checked:
         lay = c.predicted.layout
-        lines.append(f"| {c.name} | {lay.gpus:,} | tp{lay.tp} pp{lay.pp}" + (f"x{lay.vpp}" if lay.vpp > 1 else "")
+        lines.append(f"| {c.name} | {lay.world_size:,} | tp{lay.tp} pp{lay.pp}" + (f"x{lay.vpp}" if lay.vpp > 1 else "")
                      + f" dp{lay.dp} mbs{lay.mbs} gbs{lay.gbs} {lay.recompute} | {c.published_s:.2f} | "
                      f"{c.predicted.step_time_s:.2f} | {c.error:+.1%} |")
     errors = [abs(c.error) for c in checked]

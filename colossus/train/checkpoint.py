@@ -301,3 +301,62 @@ def load_model_weights(folder: Path, model: Any) -> int:
             return step
         problems.append(problem)
     raise UserError(f"train.init_from: no intact checkpoint in {folder}: {problems[0]}")
+
+
+class CheckpointPolicy:
+    """When to save (every `interval` steps and at the last), and what a failed save means: it is
+    recorded (events.jsonl, console) and the run goes on with its previous checkpoint intact
+    (on_error = "continue"), or stops with a one-line error naming the folder ("stop")."""
+
+    def __init__(self, checkpointer: Checkpointer, state: dict[str, Any], logger: Any, interval: int,
+                 total_steps: int, on_error: str = "continue", extra: dict[str, Any] | None = None,
+                 saved_step: int | None = None):
+        self.checkpointer, self.state, self.logger = checkpointer, state, logger
+        self.interval, self.total_steps, self.on_error = interval, total_steps, on_error
+        self.extra = extra or {}  # written into each manifest (the config's hash)
+        self.saved_step = saved_step  # the step whose checkpoint holds the current state (set it after a rollback)
+        self.failures = 0
+
+    def should_save(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.total_steps
+
+    def save(self, step: int) -> bool:
+        """Start the checkpoint of `step` (after the previous one is done); False if either failed. A step
+        already saved is not written again (replacing a checkpoint with itself only opens a window
+        in which, with checkpoint.keep = 1, none is committed)."""
+        previous_ok = self.finish()
+        if step == self.saved_step:
+            return previous_ok
+        try:
+            path = self.checkpointer.save(step, self.state, extra=self.extra)
+        except CheckpointWriteError as exc:
+            self._failed(exc)
+            return False
+        self.saved_step = step
+        self.logger.event("checkpoint", step=step, path=str(path))
+        return previous_ok
+
+    def finish(self) -> bool:
+        """Wait for a background save; False if it failed."""
+        try:
+            self.checkpointer.finish()
+        except CheckpointWriteError as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    def restore(self) -> int | None:
+        """Load the newest intact checkpoint into the state (after any save in flight is done)."""
+        self.finish()
+        self.saved_step = self.checkpointer.load_latest(self.state)
+        return self.saved_step
+
+    def _failed(self, exc: CheckpointWriteError) -> None:
+        self.failures += 1
+        intact = next((step for step, _ in self.checkpointer.step_folders()), None)
+        self.logger.event("checkpoint_failed", step=exc.step, reason=exc.reason, newest_intact=intact)
+        where = f"the newest intact checkpoint is step {intact}" if intact is not None else "there is no earlier checkpoint"
+        if self.on_error == "stop":
+            raise UserError(f"{exc}; {where}; free space or fix {self.checkpointer.folder}, then run the same "
+                            "command again (or set checkpoint.on_error=continue to train on)") from None
+        self.logger.print(f"warning: {exc}; {where}; training goes on (checkpoint.on_error=continue)")

@@ -13,6 +13,8 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -93,3 +95,64 @@ class HangWatchdog:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+
+
+@dataclass
+class UnreadVerdict:
+    """A finished step whose skip flag is still on the device (read one step later)."""
+
+    skipped: torch.Tensor | bool
+    grad_norm: torch.Tensor
+    step: int
+    position: str  # the loader position of its batch
+    poison: bool = False  # a fault injected on purpose (faults.inject_nan_at_step)
+
+
+class NanGuard:
+    """Non-finite steps: each one's update is skipped (inside the optimizer step, on the device);
+    after `max_bad_steps` in a row the run must roll back to its last checkpoint and skip the batch
+    that broke it. Skip flags are read one step late, after the next step's work is queued, so a GPU
+    never idles while the host waits; before anything is logged, evaluated or saved (or the run
+    stops) every flag is read (`settle`). It also injects the faults that test it
+    (faults.inject_nan_at_step / inject_nan_count)."""
+
+    def __init__(self, max_bad_steps: int, inject_at_step: int = 0, inject_count: int = 1,
+                 on_skip: Callable[[UnreadVerdict], None] | None = None):
+        self.max_bad_steps = max_bad_steps
+        self.inject_at_step = inject_at_step
+        self.poison_left = inject_count if inject_at_step else 0
+        self.on_skip = on_skip or (lambda verdict: None)
+        self.unread: deque[UnreadVerdict] = deque()
+        self.consecutive_bad = 0
+
+    def poison(self, step: int) -> bool:
+        """Whether the loss of `step` (1-based) is to be made NaN on purpose."""
+        poison = self.poison_left > 0 and step >= self.inject_at_step
+        self.poison_left -= int(poison)
+        return poison
+
+    def record(self, verdict: UnreadVerdict) -> None:
+        self.unread.append(verdict)
+
+    def settle(self, everything: bool) -> UnreadVerdict | None:
+        """Read the skip flags of all unread steps but the newest (or of all of them: `everything`),
+        reporting the skipped ones; returns the step that made `max_bad_steps` in a row, if one did
+        (the rest stay unread)."""
+        keep = 0 if everything else 1
+        while len(self.unread) > keep:
+            verdict = self.unread.popleft()
+            if not bool(verdict.skipped):  # the host sync: a step whose successor is already queued
+                self.consecutive_bad = 0
+                continue
+            self.consecutive_bad += 1
+            self.on_skip(verdict)
+            if self.consecutive_bad >= self.max_bad_steps:
+                return verdict
+        return None
+
+    def rolled_back(self) -> None:
+        """After a rollback: the discarded steps' flags no longer matter, and faults injected into
+        them come again (the replay runs those steps once more)."""
+        self.poison_left += sum(verdict.poison for verdict in self.unread)
+        self.unread.clear()
+        self.consecutive_bad = 0

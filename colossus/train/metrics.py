@@ -27,20 +27,52 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class ThroughputWindow:
+    """Training steps and their wall time since the window opened: the step time and tokens/s that a
+    logged line reports. Evaluations, saves and rollbacks reopen it, so they never count as training."""
+
+    def __init__(self) -> None:
+        self.reopen()
+
+    def reopen(self) -> None:
+        self.started, self.steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def step_time(self) -> float:
+        return (time.perf_counter() - self.started) / max(self.steps, 1)
+
+
 class MetricsLogger:
-    """Writes only where `enabled` (rank 0 of a distributed run), so every rank can call it alike."""
+    """Writes only where `enabled` (rank 0 of a distributed run), so every rank can call it alike.
+    It logs every `interval` steps and at the last one (should_log)."""
 
     def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, console: Console | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, interval: int = 1):
         self.run_dir = run_dir
         self.total_steps = total_steps
+        self.interval = interval
         self.enabled = enabled
         self.console = console or Console(highlight=False, soft_wrap=True, quiet=not enabled)
+        self.tensorboard = tensorboard
         self.writer = None
-        if tensorboard and enabled:
+
+    def open(self) -> None:
+        """Start the TensorBoard writer (which creates RUN/tb): once the run folder may be written."""
+        if self.tensorboard and self.enabled and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: slow, so only when asked
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def should_log(self, step: int) -> bool:
+        return step % self.interval == 0 or step == self.total_steps
 
     def event(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
@@ -83,3 +115,4 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

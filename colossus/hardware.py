@@ -30,6 +30,9 @@ class GPU:
             if not self.fp8_tflops:
                 raise UserError(f"{self.name} has no FP8 tensor cores; use precision=bf16")
             return self.fp8_tflops * 1e12
+        if precision == "fp32":
+            raise UserError(f"the catalog holds {self.name}'s BF16 and FP8 peaks only; plan fp32 on a measured "
+                            "machine (--cluster local-N) or use precision=bf16")
         return self.bf16_tflops * 1e12
 
 

@@ -1,12 +1,11 @@
-"""`colossus simulate`: interruptions, checkpoint interval, goodput, wall-clock days and power of a run
-on a cluster, by Monte Carlo over the failure model. Flags and JSON keys are a contract."""
+"""`colossus simulate` as a library: interruptions, checkpoint interval, goodput, wall-clock days and
+power of a run on a cluster, by Monte Carlo over the failure model. The command line (colossus/cli.py)
+parses the flags into SimulationOptions; the report's JSON keys are a contract."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,13 @@ import numpy as np
 from colossus import modelmath
 from colossus.config import ModelConfig
 from colossus.errors import UserError
-from colossus.plan.cluster import Cluster, get_cluster
-from colossus.plan.command import load_model
+from colossus.files import atomic_file
+from colossus.plan.cluster import Cluster
 from colossus.plan.costmodel import Prediction, busy_fraction, it_power_w
-from colossus.plan.failures import FailureModel, load_failure_model
-from colossus.plan.search import parse_layout, search
+from colossus.plan.failures import FailureModel
+from colossus.plan.search import search
 from colossus.plan.simulate import (CheckpointCost, Outcome, Scenario, best_interval, daly_interval, simulate,
                                     young_interval)
-
-EPILOG = """\
-examples:
-  colossus simulate --cluster colossus-100k --days 30
-  colossus simulate --cluster colossus-100k --model grok-1 --tokens 6e12 --checkpoint-interval auto --plot goodput.png
-  colossus simulate --cluster colossus-100k --model grok-1 --tokens 2e13 --grow 20:colossus-200k --json
-  colossus simulate --cluster dgx-h100-16384 --days 54 --checkpoint-interval 1800   # Llama 3's log
-
-Failures default to per-component rates fitted to Llama 3's 54-day log on 16,384 H100 (419 unexpected,
-47 planned interruptions); --failures FILE.toml overrides any ([failures] <cause>_per_day, planned_per_day).
-The model (default grok-1) sets the checkpoint size and, through `colossus plan`, speed and power."""
 
 # Storage for checkpoints: Llama 3's Tectonic cluster sustains 2 TB/s and peaks at 7 TB/s (Dubey et al.
 # 2024, section 3.3.1); used for writes and reads unless --storage-gb-s says otherwise.
@@ -48,36 +36,38 @@ CHECKPOINT_COORDINATION_S = 5.0
 DEFAULT_RESTART_S = 300.0
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    sim = commands.add_parser(
-        "simulate", help="failures, checkpoint interval, goodput, days and power of a run (Monte Carlo)",
-        description="Simulate a long run on a cluster: unexpected and planned interruptions, lost work, "
-                    "restarts, the best checkpoint interval (Young, Daly and Monte Carlo), goodput, wall-clock "
-                    "days (p50/p90), energy and power swings. Speeds come from `colossus plan`.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sim.add_argument("--cluster", required=True, metavar="PRESET|FILE.toml", help="as for `colossus plan`")
-    sim.add_argument("--gpus", type=int, metavar="N", help="use N GPUs of the cluster (default: all)")
-    length = sim.add_mutually_exclusive_group(required=True)
-    length.add_argument("--days", type=float, metavar="D", help="simulate D days of wall-clock time")
-    length.add_argument("--tokens", type=float, metavar="N", help="simulate until N tokens are trained")
-    sim.add_argument("--model", default="grok-1", metavar="PRESET|FILE.toml", help="model (default grok-1)")
-    sim.add_argument("--layout", default="", metavar="K=V,...", help="fix layout keys, as for `colossus plan`")
-    sim.add_argument("--checkpoint-interval", default="auto", metavar="S|auto",
-                     help="seconds of training between checkpoints, or auto: the Monte Carlo optimum (default)")
-    sim.add_argument("--checkpoint-mode", choices=("async", "sync"), default="async",
-                     help="async: the loop waits only for staging (default); sync: for the whole write")
-    sim.add_argument("--trials", type=int, default=200, metavar="N", help="Monte Carlo trials (default 200)")
-    sim.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    sim.add_argument("--restart-s", type=float, default=DEFAULT_RESTART_S, metavar="S",
-                     help=f"restart cost before the checkpoint load (default {DEFAULT_RESTART_S:g})")
-    sim.add_argument("--repair-hours", type=float, default=0.0, metavar="H",
-                     help="extra wait after a hardware failure when no spare node is free (default 0: hot spares)")
-    sim.add_argument("--storage-gb-s", type=float, default=DEFAULT_STORAGE_GB_S, metavar="X",
-                     help=f"checkpoint storage bandwidth, GB/s (default {DEFAULT_STORAGE_GB_S:g})")
-    sim.add_argument("--failures", metavar="FILE.toml", help="override failure rates ([failures] table)")
-    sim.add_argument("--grow", metavar="DAY:CLUSTER", help="switch to a bigger cluster on DAY (re-planned), --tokens only")
-    sim.add_argument("--plot", metavar="FILE.png", help="write goodput against checkpoint interval")
-    sim.add_argument("--json", action="store_true", help="print one JSON object")
+@dataclass
+class SimulationOptions:
+    """How to simulate a run (the flags of `colossus simulate`, typed)."""
+
+    days: float | None = None  # simulate this much wall-clock time ...
+    tokens: float | None = None  # ... or until this many tokens are trained
+    layout: dict = field(default_factory=dict)  # fixed layout keys, as for `colossus plan`
+    checkpoint_interval_s: float | None = None  # None: the Monte Carlo optimum
+    checkpoint_mode: str = "async"  # async: the loop waits only for staging; sync: for the whole write
+    trials: int = 200
+    seed: int = 0
+    restart_s: float = DEFAULT_RESTART_S
+    repair_hours: float = 0.0
+    storage_gb_s: float = DEFAULT_STORAGE_GB_S
+    failures: FailureModel = field(default_factory=FailureModel.llama3)
+    grow: tuple[float, Cluster] | None = None  # (day, bigger cluster): re-planned there; with tokens only
+
+    def check(self) -> None:
+        if (self.days is None) == (self.tokens is None):
+            raise UserError("give one of --days or --tokens")
+        for name in ("days", "tokens"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"--{name} must be positive, got {value:g}")
+        if self.trials < 1:
+            raise UserError(f"--trials must be at least 1, got {self.trials}")
+        if self.restart_s < 0 or self.repair_hours < 0 or not self.storage_gb_s > 0:
+            raise UserError("--restart-s and --repair-hours must be >= 0 and --storage-gb-s positive")
+        if self.checkpoint_interval_s is not None and not self.checkpoint_interval_s > 0:
+            raise UserError(f"--checkpoint-interval must be positive, got {self.checkpoint_interval_s:g}")
+        if self.grow and self.tokens is None:
+            raise UserError("--grow needs --tokens (a run that grows mid-way); with --days simulate each cluster alone")
 
 
 @dataclass
@@ -90,96 +80,56 @@ class Phase:
     failures: dict[str, float]  # unexpected interruptions per day by cause
 
 
-def plan_phase(model: ModelConfig, cluster: Cluster, layout: str, failures: FailureModel, args: argparse.Namespace) -> Phase:
-    result = search(model, cluster, parse_layout(layout), top=1)
+def plan_phase(model: ModelConfig, cluster: Cluster, options: SimulationOptions) -> Phase:
+    failures = options.failures
+    result = search(model, cluster, dict(options.layout), top=1)
     if not result.ranked:
         raise UserError(f"{model.name} fits in no layout of {cluster.n_gpus:,} x {cluster.gpu.name}; see `colossus plan`")
     best = result.ranked[0]
     state_bytes = modelmath.params_total(model) * (modelmath.WEIGHT_BYTES + modelmath.OPTIMIZER_BYTES)
-    write_s = state_bytes / (args.storage_gb_s * 1e9)
+    write_s = state_bytes / (options.storage_gb_s * 1e9)
     staging_s = state_bytes / cluster.n_gpus / (STAGING_GB_S * 1e9)
-    block_s = CHECKPOINT_COORDINATION_S + (staging_s if args.checkpoint_mode == "async" else write_s)
+    block_s = CHECKPOINT_COORDINATION_S + (staging_s if options.checkpoint_mode == "async" else write_s)
     checkpoint = CheckpointCost(block_s=block_s, write_s=write_s, load_s=write_s)
     scenario = Scenario(mtti_s=failures.mtti_s(cluster.n_gpus, cluster.gpus_per_node),
-                        planned_per_s=failures.planned_per_day / 86400, checkpoint=checkpoint, restart_s=args.restart_s,
-                        repair_s=args.repair_hours * 3600, hardware_share=failures.hardware_share(cluster.n_gpus, cluster.gpus_per_node))
+                        planned_per_s=failures.planned_per_day / 86400, checkpoint=checkpoint, restart_s=options.restart_s,
+                        repair_s=options.repair_hours * 3600, hardware_share=failures.hardware_share(cluster.n_gpus, cluster.gpus_per_node))
     return Phase(cluster, best, scenario, failures.unexpected_per_day(cluster.n_gpus, cluster.gpus_per_node))
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("days", "tokens"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UserError(f"--{name} must be positive, got {value:g}")
-    if args.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {args.trials}")
-    if args.restart_s < 0 or args.repair_hours < 0 or not args.storage_gb_s > 0:
-        raise UserError("--restart-s and --repair-hours must be >= 0 and --storage-gb-s positive")
-    if args.grow and args.tokens is None:
-        raise UserError("--grow needs --tokens (a run that grows mid-way); with --days simulate each cluster alone")
-
-
-def _interval(args: argparse.Namespace) -> float | None:
-    if args.checkpoint_interval == "auto":
-        return None
-    try:
-        value = float(args.checkpoint_interval)
-    except ValueError:
-        raise UserError(f"--checkpoint-interval {args.checkpoint_interval!r} must be a number of seconds or auto") from None
-    if not value > 0:
-        raise UserError(f"--checkpoint-interval must be positive, got {value:g}")
-    return value
-
-
-def _parse_grow(text: str) -> tuple[float, str]:
-    day, sep, cluster = text.partition(":")
-    try:
-        when = float(day)
-    except ValueError:
-        when = -1.0
-    if not sep or not cluster or when <= 0:
-        raise UserError(f"--grow {text!r}: expected DAY:CLUSTER, e.g. 20:colossus-200k")
-    return when, cluster
-
-
-def simulate_run(args: argparse.Namespace) -> dict:
-    _check_args(args)
-    model = load_model(args.model)
-    cluster = get_cluster(args.cluster)
-    if args.gpus is not None:
-        cluster = cluster.with_gpus(args.gpus)
-    failures = load_failure_model(Path(args.failures)) if args.failures else FailureModel.llama3()
-    first = plan_phase(model, cluster, args.layout, failures, args)
-    fixed_interval = _interval(args)
+def simulate_run(model: ModelConfig, cluster: Cluster, options: SimulationOptions) -> dict:
+    """Interruptions, checkpoints, goodput, days and power of training `model` on `cluster` (Monte Carlo
+    over the failure model); the dict is the --json object."""
+    options.check()
+    first = plan_phase(model, cluster, options)
     scenario = first.scenario
-    work_s = args.tokens / first.prediction.tokens_per_s if args.tokens is not None else None
-    horizon_s = args.days * 86400 if args.days is not None else None
-    grow = _parse_grow(args.grow) if args.grow else None
-    if grow:  # the interval is chosen for the first phase; the second gets its own Daly-scaled one
-        horizon_s, work_s = grow[0] * 86400, None
-    if fixed_interval is None:
-        interval, curve = best_interval(scenario, max(20, args.trials // 4), args.seed, work_s, horizon_s)
+    work_s = options.tokens / first.prediction.tokens_per_s if options.tokens is not None else None
+    horizon_s = options.days * 86400 if options.days is not None else None
+    if options.grow:  # the interval is chosen for the first phase; the second gets its own Daly-scaled one
+        horizon_s, work_s = options.grow[0] * 86400, None
+    if options.checkpoint_interval_s is None:
+        interval, curve = best_interval(scenario, max(20, options.trials // 4), options.seed, work_s, horizon_s)
     else:
-        interval, curve = fixed_interval, []
-    outcome = simulate(scenario, interval, args.trials, args.seed, work_s, horizon_s)
+        interval, curve = options.checkpoint_interval_s, []
+    outcome = simulate(scenario, interval, options.trials, options.seed, work_s, horizon_s)
     phases = [(first, outcome, interval)]
-    if grow:
-        second = plan_phase(model, get_cluster(grow[1]), args.layout, failures, args)
+    if options.grow:
+        second = plan_phase(model, options.grow[1], options)
         done_tokens = outcome.work_s * first.prediction.tokens_per_s
-        left = np.maximum(args.tokens - done_tokens, 0.0)
+        left = np.maximum(options.tokens - done_tokens, 0.0)
         # Each trial continues on the new cluster; its interval scales like Daly's with the new MTTI.
         second_interval = interval * math.sqrt(second.scenario.mtti_s / scenario.mtti_s)
-        tail = simulate(second.scenario, second_interval, args.trials, args.seed + 1,
+        tail = simulate(second.scenario, second_interval, options.trials, options.seed + 1,
                         work_s=np.maximum(left / second.prediction.tokens_per_s, 1.0))
         # a re-plan costs one planned restart (new layout: load and reshard the checkpoint)
         switch = second.scenario.restart_s + second.scenario.checkpoint.load_s
         tail.wall_s = tail.wall_s + switch
         tail.restart_s = tail.restart_s + switch
         phases.append((second, tail, second_interval))
-    return _report(args, model, phases, curve)
+    return _report(options, model, phases, curve)
 
 
-def _report(args: argparse.Namespace, model: ModelConfig, phases: list[tuple[Phase, Outcome, float]],
+def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[Phase, Outcome, float]],
             curve: list[tuple[float, float]]) -> dict:
     wall = sum(o.wall_s for _, o, _ in phases)
     work = sum(o.work_s for _, o, _ in phases)
@@ -206,7 +156,7 @@ def _report(args: argparse.Namespace, model: ModelConfig, phases: list[tuple[Pha
         "unexpected_per_day": sum(first.failures.values()),
         "mtti_s": scenario.mtti_s,
         "checkpoint_interval_s": interval,
-        "checkpoint_mode": args.checkpoint_mode,
+        "checkpoint_mode": options.checkpoint_mode,
         "checkpoint_block_s": scenario.checkpoint.block_s,
         "checkpoint_write_s": scenario.checkpoint.write_s,
         "young_interval_s": young_interval(block, scenario.mtti_s),
@@ -221,12 +171,12 @@ def _report(args: argparse.Namespace, model: ModelConfig, phases: list[tuple[Pha
         "energy_mwh": energy_j / 3.6e9,
         "peak_power_mw": peak / 1e6,
         "power_swing_mw": swing / 1e6,
-        "trials": args.trials,
-        "seed": args.seed,
+        "trials": options.trials,
+        "seed": options.seed,
         "goodput_curve": [{"interval_s": i, "goodput": g} for i, g in curve],
     }
-    if args.tokens is not None:
-        report["tokens"] = args.tokens
+    if options.tokens is not None:
+        report["tokens"] = options.tokens
     if len(phases) > 1:
         report["phases"] = [{"cluster": p.cluster.name, "n_gpus": p.cluster.n_gpus, "layout": p.prediction.to_json()["layout"],
                              "tokens_per_s": p.prediction.tokens_per_s, "mtti_s": p.scenario.mtti_s,
@@ -235,13 +185,7 @@ def _report(args: argparse.Namespace, model: ModelConfig, phases: list[tuple[Pha
     return report
 
 
-def run_simulate(args: argparse.Namespace) -> int:
-    report = simulate_run(args)
-    if args.plot:
-        plot_goodput(report, Path(args.plot))
-    if args.json:
-        print(json.dumps(report, indent=1))
-        return 0
+def print_simulation(report: dict) -> None:
     r = report
     print(f"{r['model']} on {r['cluster']} ({r['n_gpus']:,} GPUs), {r['tokens_per_s']:,.0f} tokens/s when training; "
           f"{r['trials']} trials, seed {r['seed']}")
@@ -258,9 +202,6 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"  phase on {phase['cluster']} ({phase['n_gpus']:,} GPUs): {phase['tokens_per_s']:,.0f} tokens/s, "
               f"MTTI {phase['mtti_s'] / 60:.0f} min, interval {phase['checkpoint_interval_s'] / 60:.1f} min, "
               f"{phase['days_mean']:.1f} days")
-    if args.plot:
-        print(f"plot: {args.plot}")
-    return 0
 
 
 def plot_goodput(report: dict, path: Path) -> None:
@@ -289,7 +230,6 @@ def plot_goodput(report: dict, path: Path) -> None:
     ax.legend(loc="lower center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as handle:
+        fig.savefig(handle, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)

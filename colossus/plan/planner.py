@@ -1,56 +1,28 @@
-"""`colossus plan`: the best parallel layouts for a model on a cluster, with speed, memory and the
-cost of a whole run. The flags and JSON keys are a contract (outside scripts read them)."""
+"""`colossus plan` as a library: the best parallel layouts for a model on a cluster, with speed, memory
+and the cost of a whole run, and the trainer config that runs the best one. The command line
+(colossus/cli.py) parses the flags; the report's JSON keys are a contract (outside scripts read them)."""
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import re
+import sys
 import time
 import tomllib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tomli_w
+
 from colossus import modelmath
-from colossus.config import ModelConfig, config_from_dict
+from colossus.account.thresholds import evaluate, load_thresholds
+from colossus.config import ModelConfig, config_from_dict, layout_tables
 from colossus.errors import UserError
+from colossus.files import write_atomic
 from colossus.models.presets import PRESETS, get_preset
 from colossus.plan.cluster import Cluster, get_cluster, local_cluster
 from colossus.plan.costmodel import Prediction, Software, eager_cpu_software, run_totals
-from colossus.plan.search import SearchResult, parse_layout, search
-from colossus.account.thresholds import evaluate, load_thresholds
-
-EPILOG = """\
-examples:
-  colossus plan --model grok-1 --cluster colossus-100k --tokens 6e12
-  colossus plan --model grok-1 --cluster dgx-h100-1024 --layout tp=8,recompute=full
-  colossus plan --model my_model.toml --cluster my_cluster.toml --gpus 4096 --json
-
---layout fixes any of tp, pp, vpp, dp, ep, cp, mbs, gbs (sequences), recompute (none|selective|full),
-zero (0-3), precision (bf16|fp8); the keys left out are searched. A model file is a [model] table with
-the trainer's keys (or a preset = "..." key); a cluster file is a [cluster] table with gpu, n_gpus,
-gpus_per_node, nic_gbps (per GPU)."""
-
-
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    plan = commands.add_parser(
-        "plan", help="choose a parallel layout and predict speed, memory, days, energy and cost",
-        description="Search every valid parallel layout of a model on a cluster and rank those that fit in "
-                    "memory by predicted throughput (an analytical cost model; see README, Planning).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    plan.add_argument("--model", required=True, metavar="PRESET|FILE.toml",
-                      help=f"a model preset ({', '.join(PRESETS)}) or a TOML file with a [model] table")
-    plan.add_argument("--cluster", required=True, metavar="PRESET|FILE.toml",
-                      help="colossus-100k, colossus-200k, dgx-a100-N, dgx-h100-N, hgx-h200-N (N GPUs), a TOML file, "
-                           "or local-N (N processes on this machine, from `colossus bench`)")
-    plan.add_argument("--gpus", type=int, metavar="N", help="use N GPUs of the cluster (default: all)")
-    plan.add_argument("--layout", default="", metavar="K=V,...", help="fix layout keys, e.g. tp=8,pp=4,recompute=full")
-    plan.add_argument("--tokens", type=float, metavar="N", help="training tokens: adds days, GPU-hours, energy and cost")
-    plan.add_argument("--usd-per-gpu-hour", type=float, metavar="X", help="price for the cost (default: the cluster's)")
-    plan.add_argument("--profile", metavar="FILE.json",
-                      help="with --cluster local-N: the machine profile from `colossus bench` (default: its cache file)")
-    plan.add_argument("--top", type=int, default=5, metavar="K", help="layouts to list (default 5)")
-    plan.add_argument("--json", action="store_true", help="print one JSON object (the best layout) instead of tables")
-
+from colossus.plan.search import SearchResult, search
 
 def load_model(spec: str) -> ModelConfig:
     """A preset name, or a TOML file whose [model] table uses the trainer's keys."""
@@ -68,32 +40,60 @@ def load_model(spec: str) -> ModelConfig:
     return config_from_dict({"model": tables["model"]}).model
 
 
-def plan(args: argparse.Namespace) -> dict:
-    model = load_model(args.model)
-    profile, software = None, Software()
-    local = re.fullmatch(r"local-(\d+)", args.cluster)
-    if local:
-        # This machine, N processes, as `colossus bench` measured it, running the eager trainer.
-        from colossus.plan.profile import MachineProfile, default_profile_path
+@dataclass
+class Plan:
+    """What `colossus plan` found: the ranked layouts and the report of the best (the --json object)."""
 
-        profile = MachineProfile.load(Path(args.profile) if args.profile else default_profile_path())
-        cluster = local_cluster(profile, max(1, int(local.group(1))))
-        software = eager_cpu_software(model)
+    model: ModelConfig
+    cluster: Cluster
+    result: SearchResult
+    report: dict
+
+    @property
+    def best(self) -> Prediction:
+        return self.result.ranked[0]
+
+
+def resolve_cluster(spec: str, gpus: int | None = None, profile_path: Path | None = None) -> tuple[Cluster, object | None]:
+    """A cluster preset or file, or `local-N`: N processes on this machine as `colossus bench` measured
+    it, each with its share of the cores as the trainer gives it (the profile from profile_path, else
+    the cached one for that thread count, measured now if there is none); returns the cluster and the
+    profile (or None)."""
+    profile = None
+    local = re.fullmatch(r"local-(\d+)", spec)
+    if local:
+        from colossus.plan.profile import MachineProfile, profile_for
+
+        processes = max(1, int(local.group(1)))
+        if profile_path is not None:
+            profile = MachineProfile.load(profile_path)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // processes)
+            profile = profile_for(threads, "float32", processes, say=lambda text: print(text, file=sys.stderr))
+        cluster = local_cluster(profile, processes)
     else:
-        if args.profile:
+        if profile_path is not None:
             raise UserError("--profile goes with --cluster local-N (this machine); datasheet clusters need none")
-        cluster = get_cluster(args.cluster)
-    if args.gpus is not None:
-        cluster = cluster.with_gpus(args.gpus)
-    if args.tokens is not None and not args.tokens > 0:
-        raise UserError(f"--tokens must be positive, got {args.tokens:g}")
-    if args.usd_per_gpu_hour is not None and args.usd_per_gpu_hour < 0:
-        raise UserError(f"--usd-per-gpu-hour must be >= 0, got {args.usd_per_gpu_hour:g}")
-    if args.top < 1:
-        raise UserError(f"--top must be at least 1, got {args.top}")
-    fixed = parse_layout(args.layout)
+        cluster = get_cluster(spec)
+    if gpus is not None:
+        cluster = cluster.with_gpus(gpus)
+    return cluster, profile
+
+
+def plan(model: ModelConfig, cluster: Cluster, layout: dict | None = None, tokens: float | None = None,
+         usd_per_gpu_hour: float | None = None, top: int = 5, profile: object | None = None) -> Plan:
+    """Rank the layouts of `model` on `cluster` that fit (`layout` fixes some keys, as --layout does);
+    with `tokens`, the whole run's days, energy, cost and regulatory thresholds. A measured machine
+    (`profile`) is planned as our eager trainer runs there."""
+    if tokens is not None and not tokens > 0:
+        raise UserError(f"--tokens must be positive, got {tokens:g}")
+    if usd_per_gpu_hour is not None and usd_per_gpu_hour < 0:
+        raise UserError(f"--usd-per-gpu-hour must be >= 0, got {usd_per_gpu_hour:g}")
+    if top < 1:
+        raise UserError(f"--top must be at least 1, got {top}")
+    software = eager_cpu_software(model) if profile is not None else Software()
     started = time.perf_counter()
-    result = search(model, cluster, fixed, top=args.top, profile=profile, software=software)
+    result = search(model, cluster, dict(layout or {}), top=top, profile=profile, software=software)
     elapsed = time.perf_counter() - started
     if not result.ranked:
         smallest = result.best_unfit
@@ -102,7 +102,7 @@ def plan(args: argparse.Namespace) -> dict:
             f"the leanest of {result.considered:,} layouts ({smallest.layout.describe()}) needs "
             f"{smallest.memory_gib_per_gpu:.0f} GiB per GPU; use more GPUs, recompute=full, zero=3 or a GPU with more memory")
     best = result.ranked[0]
-    usd = args.usd_per_gpu_hour if args.usd_per_gpu_hour is not None else cluster.usd_per_gpu_hour
+    usd = usd_per_gpu_hour if usd_per_gpu_hour is not None else cluster.usd_per_gpu_hour
     report = best.to_json()
     report.update({
         "model": model.name,
@@ -117,9 +117,9 @@ def plan(args: argparse.Namespace) -> dict:
     })
     if cluster.note:
         report["cluster_note"] = cluster.note
-    if args.tokens is not None:
-        report.update(run_totals(best, cluster, args.tokens, usd))
-        report["tokens"] = args.tokens
+    if tokens is not None:
+        report.update(run_totals(best, cluster, tokens, usd))
+        report["tokens"] = tokens
         report["usd_per_gpu_hour"] = usd
         # The projected ledger: the run's model FLOPs against the regulatory thresholds, and the day
         # of training each limit is passed (a plan is a run from scratch: no fine-tuning lineage).
@@ -127,23 +127,40 @@ def plan(args: argparse.Namespace) -> dict:
         report["total_flops"] = total
         report["thresholds"] = evaluate(load_thresholds(), total, total, report["cost_usd"], finetune=False,
                                         flops_per_unit=best.tokens_per_s * 86400 * best.model_flops_per_token, unit="day")
-    return {"report": report, "result": result, "cluster": cluster, "model": model}
+    return Plan(model, cluster, result, report)
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    planned = plan(args)
-    report = planned["report"]
-    if args.json:
-        print(json.dumps(report, indent=1))
-        return 0
-    print_plan(report, planned["result"], planned["cluster"], planned["model"])
-    return 0
+def run_config(planned: Plan) -> dict[str, dict]:
+    """The trainer config that runs the best layout: the whole [model] table, the layout's [parallel]
+    keys and its batch and precision in [train] (colossus.config.layout_tables: the one translation)."""
+    tables = layout_tables(planned.best.layout)
+    return {"model": asdict(planned.model), "parallel": tables["parallel"], "train": tables["train"]}
 
 
-def print_plan(report: dict, result: SearchResult, cluster: Cluster, model: ModelConfig) -> None:
+def write_config(planned: Plan, path: Path) -> Path:
+    """Write run_config() as TOML, with a header that says how to launch it."""
+    layout = planned.best.layout
+    config_from_dict(run_config(planned))  # the trainer's own validation, before anything is written
+    header = (f"# colossus plan: {planned.model.name} on {planned.cluster.name}, {layout.describe()}\n"
+              f"# {planned.best.step_time_s:.3g} s per step predicted; launch {layout.world_size:,} processes, e.g.\n"
+              f"#   torchrun --nproc-per-node {min(layout.world_size, planned.cluster.gpus_per_node)}"
+              + (f" --nnodes {-(-layout.world_size // planned.cluster.gpus_per_node)}"
+                 if layout.world_size > planned.cluster.gpus_per_node else "")
+              + f" -m colossus.train {path}\n")
+    if path.is_dir():
+        raise UserError(f"--write-config {path} is a folder; give a file name such as {path / 'run.toml'}")
+    try:
+        write_atomic(path, header + tomli_w.dumps(run_config(planned)))
+    except OSError as exc:
+        raise UserError(f"cannot write --write-config {path} ({exc.strerror})") from None
+    return path
+
+
+def print_plan(planned: Plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    report, result, cluster, model = planned.report, planned.result, planned.cluster, planned.model
     console = Console(width=max(Console().width, 150))  # the layout table needs the room
     console.print(
         f"[bold]{model.name}[/bold]: {report['params_total'] / 1e9:.1f}B parameters ({report['params_active'] / 1e9:.1f}B active), "

@@ -1,0 +1,52 @@
+"""The DeviceMesh of a Layout, and the views of it each parallelism uses.
+
+Mesh dimensions, outermost first: dp_replicate, dp_shard, ep, tp (pipeline and context parallel
+dimensions join when the trainer runs them). Data parallelism spans dp_replicate x dp_shard x ep
+(every one of those ranks reads different sequences); tensor-parallel ranks share their data.
+Under ZeRO 1-3 non-expert weights are sharded by FSDP over dp_shard x ep ("fsdp", replicated over
+dp_replicate: HSDP) and expert weights, split over ep, are sharded over dp_shard; under ZeRO 0 both
+are replicated over every data-parallel rank that holds them (FSDP2's replicate mode: plain data
+parallelism with gradients all-reduced).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from colossus.layout import Layout
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The DeviceMesh views each parallelism uses, sliced once from the world mesh."""
+
+    world: object  # dims dp_replicate, dp_shard, ep, tp
+    dp: object  # flattened dp_replicate x dp_shard x ep: who reads which data
+    dense: object  # FSDP of non-expert weights (2-D [replicate, shard] for HSDP and ZeRO 0)
+    expert_dp: object  # FSDP of expert weights, likewise
+    ep: object
+    tp: object
+
+
+def build_mesh(layout: Layout, device_type: str) -> Meshes:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    names = ("dp_replicate", "dp_shard", "ep", "tp")
+    world = init_device_mesh(device_type, (layout.dp_replicate, layout.dp_shard, layout.ep, layout.tp),
+                             mesh_dim_names=names)
+    dp = world["dp_replicate", "dp_shard", "ep"]._flatten("dp")
+    if layout.zero == 0:
+        # Replicate everything over the data-parallel ranks: a [replicate, shard] mesh whose shard
+        # dimension has one rank (experts: replicated over the ranks holding the same experts).
+        ranks = world.mesh  # [dp_replicate, dp_shard, ep, tp]
+        dense = DeviceMesh(device_type, ranks.reshape(-1, 1, layout.tp), mesh_dim_names=("dp_all", "one", "tp_"))
+        expert = DeviceMesh(device_type, ranks.reshape(-1, layout.ep, 1, layout.tp),
+                            mesh_dim_names=("dp_experts", "ep_", "one", "tp_"))
+        return Meshes(world, dp, dense["dp_all", "one"], expert["dp_experts", "one"], world["ep"], world["tp"])
+    fsdp = world["dp_shard", "ep"]._flatten("fsdp")
+    with warnings.catch_warnings():  # HSDP needs a 2-D slice that includes the flattened dimension
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        dense = world["dp_replicate", "fsdp"] if layout.dp_replicate > 1 else fsdp
+    expert_dp = world["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else world["dp_shard"]
+    return Meshes(world, dp, dense, expert_dp, world["ep"], world["tp"])

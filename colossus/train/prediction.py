@@ -1,0 +1,88 @@
+"""Every run checks the planner: at the start the cost model predicts this run's own step time and peak
+memory (its layout, on this machine: the `colossus bench` profile on a CPU, the catalog on a GPU), and
+at the end the run's measured figures go beside them in summary.json (`predicted`, `measured`), so
+every run is a calibration point for the planner."""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Callable
+
+import torch
+
+from colossus.config import RunConfig
+from colossus.hardware import gpu_from_device_name
+from colossus.layout import Layout
+from colossus.plan.cluster import Cluster, local_cluster
+from colossus.plan.costmodel import GIB, Software, eager_cpu_software, memory_breakdown, predict
+from colossus.plan.profile import profile_for, typical_seconds
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PlannerCheck:
+    """The planner's prediction for this run, and the run's own figures to set beside it."""
+
+    def __init__(self, config: RunConfig, layout: Layout, device: torch.device, say: Callable[[str], None]):
+        self.device = device
+        self.step_times: list[float] = []
+        self.cpu_profile = None
+        self.predicted: dict[str, float] | None = None
+        m = config.model
+        if device.type == "cpu":
+            self.cpu_profile = profile_for(torch.get_num_threads(), _DTYPES.get(layout.precision, "float32"),
+                                           layout.world_size, say)
+            cluster = local_cluster(self.cpu_profile, layout.world_size)
+            software = eager_cpu_software(m)
+        else:
+            gpu = gpu_from_device_name(torch.cuda.get_device_name(device))
+            if gpu is None or layout.precision not in ("bf16", "fp8"):
+                say(f"no prediction: the planner's catalog has no {layout.precision} figures for "
+                    f"{torch.cuda.get_device_name(device)}")
+                return
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+            cluster = Cluster("this job", gpu, layout.world_size, per_node, 400.0)
+            # FlexAttention or SDPA (no T x T scores), FSDP2's prefetching, inductor's fusions when compiled.
+            software = Software(fused_attention=True, overlap_grad_reduce=True, fused_elementwise=config.train.compile,
+                                persistent_grads=False)
+        prediction = predict(m, cluster, layout, self.cpu_profile, software=software)
+        memory = memory_breakdown(m, layout, software)
+        # "reserved" is the CUDA context and allocator slack, which neither measurement below counts.
+        self.predicted = {"step_time_s": prediction.step_time_s,
+                          "peak_memory_gib": (sum(memory.values()) - memory["reserved"]) / GIB}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.baseline = resident_bytes()  # before the model is built: what the process held for nothing else
+
+    def record_step_time(self, seconds: float) -> None:
+        self.step_times.append(seconds)
+
+    def measured(self) -> dict[str, float]:
+        """The step time and the peak memory: the step time of the logged windows after the first (which
+        holds the warm-up), as `colossus bench` summarises its timings (typical_seconds: the 20th
+        percentile, what the machine does when no other process takes its cores, as the profile behind
+        the prediction describes it); the memory allocated on a GPU, resident above the pre-model
+        baseline on a CPU."""
+        windows = self.step_times[1:] or self.step_times
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
+        return {"step_time_s": typical_seconds(windows) if windows else float("nan"),
+                "peak_memory_gib": max(peak, 0) / GIB}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {"measured": self.measured()}
+        if self.predicted is not None:
+            out["predicted"] = self.predicted
+        return out

@@ -1,0 +1,89 @@
+"""One training step: forward_backward over a rank's micro-batches, then optimizer_step.
+
+Nothing here reads a tensor back to the host: the loss, the gradient norm and the skip flag stay on
+the device until the caller chooses to read them (the NaN guard reads the flag one step late).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from colossus.models.grok import Transformer
+from colossus.parallel.parallelize import clip_grad_norm
+from colossus.train.loss import loss_context, training_loss
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean cross-entropy over the step's sequences (a 0-d tensor: no host sync)
+    grad_norm: torch.Tensor
+    aux_loss: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    expert_load: torch.Tensor | None  # [n_layers, n_experts]
+    skipped: torch.Tensor | bool = False  # the gradient was not finite: no update was applied (a 0-d bool
+    # tensor, so that reading it, the only host sync of a step, is the caller's choice)
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """The forward's autocast for train.precision: bf16 matmuls over fp32 weights, or nothing (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def forward_backward(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int,
+                     device: torch.device, precision: str, poison: bool = False) -> StepResult:
+    """Gradients of this rank's share of the global batch, accumulated over micro-batches of
+    `micro_batch` sequences (a smaller share is one micro-batch); `poison` makes the loss NaN (for
+    testing the NaN guard). The returned result has no gradient norm yet."""
+    n_micro = inputs.shape[0] // micro_batch if inputs.shape[0] >= micro_batch else 1
+    loss_sum = aux_sum = z_sum = load_sum = None
+    for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(x)
+        with loss_context(out.logits):
+            loss = training_loss(out, y, model.cfg)
+            total = loss.total * float("nan") if poison else loss.total
+            (total / n_micro).backward()
+        loss_sum = loss.cross_entropy if loss_sum is None else loss_sum + loss.cross_entropy
+        if out.aux_loss is not None:
+            aux_sum = out.aux_loss.detach() if aux_sum is None else aux_sum + out.aux_loss.detach()
+            z_sum = out.z_loss.detach() if z_sum is None else z_sum + out.z_loss.detach()
+            load_sum = out.expert_load if load_sum is None else load_sum + out.expert_load
+    mean = (lambda t: None if t is None else t / n_micro)
+    loss_mean = loss_sum / n_micro if not poison else torch.full((), float("nan"), device=device)
+    return StepResult(loss_mean, torch.zeros((), device=device), mean(aux_sum), mean(z_sum), mean(load_sum))
+
+
+def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip, step and advance the schedule; returns (gradient norm, skipped). A gradient whose norm is
+    not finite applies no update. The norm is global (the same on every rank), so all ranks agree."""
+    grad_norm = clip_grad_norm(list(model.parameters()), grad_clip)
+    not_finite = ~torch.isfinite(grad_norm)
+    # Read from the param groups, not the defaults: loading a checkpoint restores the saving run's flags.
+    if all(group.get("fused") for group in optimizer.param_groups):
+        # The fused kernel reads the flag where it lies and leaves weights, moments and step count
+        # untouched when it is set (as under GradScaler): no host sync on the step's path.
+        optimizer.found_inf = not_finite.float()
+        optimizer.step()
+    else:
+        optimizer.__dict__.pop("found_inf", None)  # only the fused kernel accepts the flag
+        if not bool(not_finite):
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm, not_finite
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int, grad_clip: float,
+               device: torch.device, precision: str = "fp32", poison: bool = False) -> StepResult:
+    """forward_backward, then optimizer_step: one optimizer step over this rank's share of the batch."""
+    result = forward_backward(model, inputs, targets, micro_batch, device, precision, poison)
+    result.grad_norm, result.skipped = optimizer_step(model, optimizer, scheduler, grad_clip)
+    return result
