@@ -51,7 +51,7 @@ def main() -> None:
     for i in range(args.warmup + args.steps):
         inputs, targets = loader.next_batch()
         start = time.perf_counter()
-        train_step(model, optimizer, scheduler, inputs, targets, args.batch, train_cfg.grad_clip, device).loss.item()
+        train_step(model, optimizer, scheduler, inputs, targets, args.batch, train_cfg.grad_clip, device, "fp32").loss.item()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     peak = gemm_peak_flops(device, torch.float32)

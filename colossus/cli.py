@@ -114,6 +114,7 @@ examples:
   dp                           the data-parallel size dp_replicate x dp_shard x ep (split by zero)
   dp_replicate, dp_shard       the data-parallel split: replicas (HSDP) and ranks that shard
   zero                         0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + weights
+                               (searched: 0, 2, 3; the trainer runs 1 as 2)
   mbs, gbs                     micro-batch and global batch, sequences (train.micro_batch, train.global_batch)
   recompute                    none, selective (the attention core) or full (whole blocks)
   recompute_every              recompute every k-th block only
@@ -246,7 +247,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from colossus.plan.cluster import get_cluster
-    from colossus.plan.failures import FailureModel, load_failure_model
+    from colossus.plan.failures import load_failure_model
     from colossus.plan.planner import load_model
     from colossus.plan.search import parse_layout
     from colossus.plan.simulation import SimulationOptions, plot_goodput, print_simulation, simulate_run
@@ -257,7 +258,6 @@ def run_simulate(args: argparse.Namespace) -> int:
             interval = float(args.checkpoint_interval)
         except ValueError:
             raise UserError(f"--checkpoint-interval {args.checkpoint_interval!r} must be a number of seconds or auto") from None
-    grow = None
     if args.grow:
         day, sep, name = args.grow.partition(":")
         try:
@@ -266,13 +266,15 @@ def run_simulate(args: argparse.Namespace) -> int:
             when = -1.0
         if not sep or not name or when <= 0:
             raise UserError(f"--grow {args.grow!r}: expected DAY:CLUSTER, e.g. 20:colossus-200k")
-        grow = (when, get_cluster(name))
     options = SimulationOptions(
         days=args.days, tokens=args.tokens, layout=parse_layout(args.layout), checkpoint_interval_s=interval,
         checkpoint_mode=args.checkpoint_mode, trials=args.trials, seed=args.seed, restart_s=args.restart_s,
-        repair_hours=args.repair_hours, storage_gb_s=args.storage_gb_s, grow=grow,
-        failures=load_failure_model(Path(args.failures)) if args.failures else FailureModel.llama3())
-    options.check()  # the flags' own errors before the model and cluster are read
+        repair_hours=args.repair_hours, storage_gb_s=args.storage_gb_s, grow=(when, None) if args.grow else None)
+    options.check()  # the flags' own errors before any file, model or cluster is read
+    if args.grow:
+        options.grow = (when, get_cluster(name))
+    if args.failures:
+        options.failures = load_failure_model(Path(args.failures))
     cluster = get_cluster(args.cluster)
     if args.gpus is not None:
         cluster = cluster.with_gpus(args.gpus)

@@ -356,8 +356,10 @@ def layout_from_config(config: RunConfig, world_size: int, device_type: str = "c
             dp_replicate = max(1, world_size // fixed) if p.dp_replicate == 1 else p.dp_replicate
         else:
             dp_shard = max(1, world_size // (fixed * dp_replicate))
+    # A data-parallel rank whose share of the batch is smaller than train.micro_batch runs it as one micro-batch.
+    share = t.global_batch // max(1, dp_replicate * dp_shard * p.ep)
     return Layout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, dp_replicate=dp_replicate, dp_shard=dp_shard,
-                  zero=p.zero, mbs=t.micro_batch, gbs=t.global_batch, recompute=p.recompute,
+                  zero=p.zero, mbs=min(t.micro_batch, max(share, 1)), gbs=t.global_batch, recompute=p.recompute,
                   recompute_every=p.recompute_every, precision=resolve_precision(t.precision, device_type),
                   pp_schedule=p.pp_schedule)
 

@@ -27,6 +27,7 @@ from colossus.modelconfig import ModelConfig
 
 RECOMPUTE = ("none", "selective", "full")  # selective: the attention core only (Korthikanti et al. 2022)
 PRECISIONS = ("fp32", "bf16", "fp8")
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # what a precision's matmuls run in
 PP_SCHEDULES = ("1f1b", "interleaved-1f1b", "zbv")
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -71,10 +72,14 @@ class Layout:
         """Fraction of the blocks that recompute: blocks 0, k, 2k, ... for recompute_every = k."""
         return 0.0 if self.recompute == "none" else -(-n_layers // self.recompute_every) / n_layers
 
-    def describe(self) -> str:
-        """One line, e.g. `tp=8 x ep=4 x dp_shard=3125, zero 2, mbs 1, gbs 12500, recompute none, bf16`."""
+    def degrees(self) -> str:
+        """The parallel degrees above 1, e.g. `ep=4 x tp=8`, or `one rank`."""
         names = ("pp", "dp_replicate", "dp_shard", "ep", "cp", "tp")
-        degrees = " x ".join(f"{name}={getattr(self, name)}" for name in names if getattr(self, name) > 1) or "one rank"
+        return " x ".join(f"{name}={getattr(self, name)}" for name in names if getattr(self, name) > 1) or "one rank"
+
+    def describe(self) -> str:
+        """One line, e.g. `dp_shard=3125 x ep=4 x tp=8, zero 2, mbs 1, gbs 12500, recompute none, bf16`."""
+        degrees = self.degrees()
         if self.vpp > 1:
             degrees += f" (vpp={self.vpp}, {self.pp_schedule})"
         recompute = self.recompute + (f" every {self.recompute_every}" if self.recompute_every > 1 else "")

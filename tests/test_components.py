@@ -217,7 +217,7 @@ def test_train_step_is_forward_backward_then_optimizer_step() -> None:
             result = forward_backward(model, x, y, 2, torch.device("cpu"), "fp32")
             result.grad_norm, result.skipped = optimizer_step(model, optimizer, scheduler, tcfg.grad_clip)
         else:
-            result = train_step(model, optimizer, scheduler, x, y, 2, tcfg.grad_clip, torch.device("cpu"))
+            result = train_step(model, optimizer, scheduler, x, y, 2, tcfg.grad_clip, torch.device("cpu"), "fp32")
         results.append((result.loss, result.grad_norm, [p.detach().clone() for p in model.parameters()]))
     (loss_a, norm_a, weights_a), (loss_b, norm_b, weights_b) = results
     assert torch.equal(loss_a, loss_b) and torch.equal(norm_a, norm_b)

@@ -454,4 +454,7 @@ def test_layout_from_config_and_back():
     config = config_from_dict(layout_tables(layout))
     assert layout_from_config(config, layout.world_size, "cpu") == layout
     assert layout_from_config(config_from_dict({}), 1, "cuda").precision == "bf16"  # auto: the device's
+    # 2 ranks sharing the default batch of 8 in micro-batches of 8: each runs its 4 as one micro-batch
+    halves = layout_from_config(config_from_dict({}), 2, "cpu")
+    assert (halves.mbs, halves.micro_batches) == (4, 1)
     assert layout_from_config(config_from_dict({}), 1, "cpu").precision == "fp32"

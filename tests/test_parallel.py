@@ -28,6 +28,7 @@ LAYOUTS = {
     "dp_shard=2,tp=2": {"tp": 2},
     "dp_shard=2,ep=2": {"ep": 2},
     "ep=4": {"ep": 4},
+    "zero=0,ep=2": {"zero": 0, "ep": 2},  # plain data parallelism: 2 replicas x 2 expert ranks, nothing sharded
 }
 
 
@@ -164,7 +165,9 @@ def layout_of(world: int, **parallel) -> Layout:
 
 
 def test_dp_shard_fills_the_world() -> None:
-    assert layout_of(8) == Layout(dp_shard=8, mbs=2, gbs=8, precision="fp32")
+    # 8 ranks share a batch of 8: each rank's one sequence is its micro-batch (train.micro_batch = 2 is more)
+    assert layout_of(8) == Layout(dp_shard=8, mbs=1, gbs=8, precision="fp32")
+    assert layout_of(2).mbs == 2
     assert (layout_of(8, dp_replicate=2, ep=2).dp_replicate, layout_of(8, dp_replicate=2, ep=2).dp_shard) == (2, 2)
     layout = layout_of(4, dp_shard=2, ep=2)
     assert (layout.dp, layout.world_size) == (4, 4)  # ep ranks are data-parallel ranks too

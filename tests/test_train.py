@@ -183,7 +183,7 @@ def test_resume_keeps_this_runs_optimizer_kernel() -> None:
 
     def step(state: TrainingState, poison: bool = False):
         return train_step(state.model, state.optimizer, state.scheduler, batch[:, :-1], batch[:, 1:], tcfg.micro_batch,
-                          tcfg.grad_clip, device, poison=poison)
+                          tcfg.grad_clip, device, "fp32", poison=poison)
 
     saved = state(fused=False)
     batch = torch.arange(34).reshape(2, 17) % model_cfg.vocab_size

@@ -37,13 +37,16 @@ def build_mesh(layout: Layout, device_type: str) -> Meshes:
                              mesh_dim_names=names)
     dp = world["dp_replicate", "dp_shard", "ep"]._flatten("dp")
     if layout.zero == 0:
-        # Replicate everything over the data-parallel ranks: a [replicate, shard] mesh whose shard
-        # dimension has one rank (experts: replicated over the ranks holding the same experts).
-        ranks = world.mesh  # [dp_replicate, dp_shard, ep, tp]
-        dense = DeviceMesh(device_type, ranks.reshape(-1, 1, layout.tp), mesh_dim_names=("dp_all", "one", "tp_"))
-        expert = DeviceMesh(device_type, ranks.reshape(-1, layout.ep, 1, layout.tp),
-                            mesh_dim_names=("dp_experts", "ep_", "one", "tp_"))
-        return Meshes(world, dp, dense["dp_all", "one"], expert["dp_experts", "one"], world["ep"], world["tp"])
+        # Replicate everything over the data-parallel ranks: FSDP2 on a [replicate, shard] mesh whose shard
+        # dimension has one rank (dp_shard = 1 under ZeRO 0). Experts replicate over the ranks holding
+        # the same experts; the dense weights over every data-parallel rank, ep ranks included, which
+        # with ep > 1 is a mesh of its own.
+        replicate = world["dp_replicate", "dp_shard"]
+        dense = replicate
+        if layout.ep > 1:
+            ranks = world.mesh.reshape(-1, 1, layout.tp)  # [dp_replicate x ep, 1, tp]
+            dense = DeviceMesh(device_type, ranks, mesh_dim_names=("dp_all", "one", "tp_all"))["dp_all", "one"]
+        return Meshes(world, dp, dense, replicate, world["ep"], world["tp"])
     fsdp = world["dp_shard", "ep"]._flatten("fsdp")
     with warnings.catch_warnings():  # HSDP needs a 2-D slice that includes the flattened dimension
         warnings.filterwarnings("ignore", message="Slicing a flattened dim")

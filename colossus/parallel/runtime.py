@@ -50,6 +50,10 @@ class Runtime:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)  # the default group: every rank
         return float(total.item())
 
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
+
     def close(self, finished: bool) -> None:
         if dist.is_initialized():
             if finished:
@@ -81,7 +85,7 @@ def resolve_layout(config: RunConfig, world_size: int, device_type: str) -> Layo
     lacks = f"; the trainer also lacks {' and '.join(missing)} yet" if missing else ""
     if layout.world_size != world_size:
         raise UserError(
-            f"the layout {layout.describe().split(',')[0]} needs {layout.world_size:,} processes, but {world_size:,} "
+            f"the layout {layout.degrees()} needs {layout.world_size:,} processes, but {world_size:,} "
             f"{'was' if world_size == 1 else 'were'} launched; launch {layout.world_size:,} (torchrun --nproc-per-node "
             f"x --nnodes) or change [parallel] (parallel.dp_shard=-1 takes the rest){lacks}")
     check_fits(layout, config.model)

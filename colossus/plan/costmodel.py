@@ -329,7 +329,7 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
         layer = layer_cost(m, machine, *key, software)
         if layer_costs is not None:
             layer_costs[key] = layer
-    if layout.pp_schedule == "zbv":
+    if layout.pp > 1 and layout.pp_schedule == "zbv":
         raise UserError("the cost model has no zero-bubble (zbv) pipeline schedule yet; plan with pp_schedule=1f1b "
                         "or interleaved-1f1b")
     attention_forward = layer.attention_core + layer.score_forward
@@ -366,7 +366,8 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     dense, expert = stage_params(m, layout)
     # Ranks that shard the state (ZeRO 1-3), or that all-reduce whole gradients (ZeRO 0).
     replicas = layout.shard_group if layout.zero >= 1 else layout.dp * layout.cp
-    inside_dp = layout.tp * layout.cp * layout.dp <= cluster.gpus_per_node
+    # The ranks a data-parallel collective spans stay inside one node when tp x cp x their count fits in one.
+    inside_dp = layout.tp * replicas <= cluster.gpus_per_node
     grad_bytes = modelmath.WEIGHT_BYTES  # gradients are reduced in bf16 (Megatron-LM, FSDP MixedPrecisionPolicy)
     if layout.zero >= 3:
         # FSDP, one unit per layer plus the embeddings: all-gather each unit's weights before its forward
@@ -399,14 +400,16 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     if layout.zero >= 1 and layout.dp_replicate > 1:
         # HSDP: each shard's gradients are also all-reduced across the replicas (outside the node).
         shard_bytes = (dense / replicas + expert / max(replicas // layout.ep, 1)) * grad_bytes
-        data_parallel += all_reduce_time(machine, shard_bytes, layout.dp_replicate, False)
+        data_parallel += all_reduce_time(machine, shard_bytes, layout.dp_replicate,
+                                         layout.world_size <= cluster.gpus_per_node)
     if layout.dp * layout.cp > 1:  # each step's scalar all-reduces: gradient norm, loss for logging, the stop flag
-        data_parallel += 3 * all_reduce_time(machine, 4.0, layout.dp * layout.cp, inside_dp)
+        data_parallel += 3 * all_reduce_time(machine, 4.0, layout.dp * layout.cp, layout.world_size <= cluster.gpus_per_node)
     owned = dense / (replicas if layout.zero >= 1 else 1) + expert / (max(replicas // layout.ep, 1) if layout.zero >= 1 else 1)
     optimizer = machine.memory_time(OPTIMIZER_BYTES_PER_PARAM * owned)
     step = pipeline + data_parallel + optimizer
 
-    memory = memory_breakdown(m, layout, software, 0.0 if profile is not None else RESERVED_GIB)  # no CUDA context on a CPU
+    on_cpu = getattr(profile, "device", "") == "cpu"  # no CUDA context on a CPU
+    memory = memory_breakdown(m, layout, software, 0.0 if on_cpu else RESERVED_GIB)
     total_memory = sum(memory.values())
     capacity = cluster.gpu.hbm_gb * 1e9
     tokens_per_step = layout.gbs * m.seq_len

@@ -69,7 +69,7 @@ def resolve_cluster(spec: str, gpus: int | None = None, profile_path: Path | Non
             profile = MachineProfile.load(profile_path)
         else:
             threads = max(1, (os.cpu_count() or 1) // processes)
-            profile = profile_for(threads, "float32", processes, say=lambda text: print(text, file=sys.stderr))
+            profile = profile_for(threads, "fp32", processes, say=lambda text: print(text, file=sys.stderr))
         cluster = local_cluster(profile, processes)
     else:
         if profile_path is not None:

@@ -160,11 +160,14 @@ def default_profile_path() -> Path:
     return cache_root(DataConfig()) / PROFILE_FILE
 
 
-def profile_for(threads: int, dtype: str = "float32", processes: int = 1,
+def profile_for(threads: int, precision: str = "fp32", processes: int = 1,
                 say: Callable[[str], None] = print) -> MachineProfile:
-    """This CPU's profile for `threads` intra-op threads and `dtype` matmuls (with all-reduce timings
-    when `processes` > 1): the one `colossus bench` wrote if it fits, else one cached earlier beside
-    it, else a quick one measured now (10-20 s, said through `say`) and cached for next time."""
+    """This CPU's profile for `threads` intra-op threads and matmuls in `precision` (with all-reduce
+    timings when `processes` > 1): the one `colossus bench` wrote if it fits, else one cached earlier
+    beside it, else a quick one measured now (10-20 s, said through `say`) and cached for next time."""
+    from colossus.layout import TORCH_DTYPE_NAMES
+
+    dtype = TORCH_DTYPE_NAMES[precision]
     bench = default_profile_path()
     keyed = bench.with_name(f"machine_profile-cpu-{threads}t-{dtype}.json")
     for path in (bench, keyed):
@@ -177,17 +180,25 @@ def profile_for(threads: int, dtype: str = "float32", processes: int = 1,
             return profile
     say(f"measuring this machine for the planner's prediction ({threads} thread{'s' * (threads != 1)}, {dtype}; "
         f"10-20 s, once: `colossus bench --quick`, cached in {keyed})")
-    # In a process of its own, so that its buffers do not count in this run's peak memory.
-    precision = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    # In a process of its own, so that its buffers do not count in this run's peak memory; on the CPU
+    # even where a GPU is visible (CUDA_VISIBLE_DEVICES empty).
     command = [sys.executable, "-m", "colossus", "bench", "--quick", "--threads", str(threads), "--precision", precision,
                "--out", str(keyed), "--json"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise UserError("measuring this machine for the planner took over 10 minutes; run `colossus bench` "
+                        "to see why") from None
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
         raise UserError(f"measuring this machine for the planner failed: {lines[-1]}; run `colossus bench` to see why")
-    return MachineProfile.load(keyed)
+    profile = MachineProfile.load(keyed)
+    if (profile.device, profile.threads, profile.dtype) != ("cpu", threads, dtype):
+        raise UserError(f"the machine profile {keyed} describes {profile.device} with {profile.threads} threads in "
+                        f"{profile.dtype}, not the CPU with {threads} in {dtype}; delete it and run again")
+    return profile
 
 
 def gemm_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:

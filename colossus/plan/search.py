@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from colossus.errors import UserError
-from colossus.layout import LAYOUT_KEYS, RECOMPUTE, Layout, check_fits, check_value
+from colossus.layout import LAYOUT_KEYS, RECOMPUTE, TORCH_DTYPE_NAMES, Layout, check_fits, check_value, layout_from_keys
 from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
 from colossus.plan.costmodel import Prediction, Software, predict
@@ -75,7 +75,9 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
     eps = pick("ep", _divisors(m.n_experts) if m.is_moe else [1])
     mbss = pick("mbs", [1, 2, 4, 8])
     recomputes = pick("recompute", list(RECOMPUTE))
-    zeros = pick("zero", [0, 1, 2, 3])
+    # ZeRO 1 only when fixed: the trainer's FSDP2 runs it as stage 2 (gradients always sharded), so a
+    # searched plan says 2, whose memory is what the run holds.
+    zeros = pick("zero", [0, 2, 3])
     precision = fixed.get("precision", precision)
     for tp in tps:
         for cp in cps:
@@ -127,16 +129,11 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
 
 def _split(m: ModelConfig, fixed: dict, keys: dict, dp: int) -> Layout | None:
     """The layout with data-parallel degree `dp` split into dp_replicate x dp_shard x ep as the ZeRO
-    stage and the fixed keys say, or None where they cannot be or the trainer's checks refuse it."""
-    ep, zero = keys["ep"], keys["zero"]
-    replicate = fixed.get("dp_replicate", dp // ep if zero == 0 else 1)
-    if dp % (ep * replicate):
-        return None
-    shard = dp // (ep * replicate)
-    if fixed.get("dp_shard", shard) != shard or (zero == 0 and shard != 1):
-        return None
-    layout = Layout(**keys, dp_replicate=replicate, dp_shard=shard)
+    stage and the fixed keys say (layout_from_keys), or None where they cannot be or the trainer's checks
+    refuse it."""
+    split = {key: fixed[key] for key in ("dp_replicate", "dp_shard") if key in fixed}
     try:
+        layout = layout_from_keys({**keys, **split, "dp": dp})
         check_fits(layout, m)
     except UserError:
         return None
@@ -147,7 +144,7 @@ def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile:
            software: Software = Software()) -> SearchResult:
     _check_fixed(m, cluster, fixed)
     # A measured machine is planned in the precision it was measured in (fp32 on a CPU).
-    precision = {"float32": "fp32", "bfloat16": "bf16"}.get(getattr(profile, "dtype", ""), "bf16")
+    precision = next((p for p, name in TORCH_DTYPE_NAMES.items() if name == getattr(profile, "dtype", "")), "bf16")
     batch = LOCAL_BATCH_SEQUENCES * m.seq_len if profile is not None else DEFAULT_BATCH_TOKENS
     layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed, MAX_DEFAULT_BATCH_TOKENS, precision, batch)
     if not layouts:

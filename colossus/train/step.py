@@ -82,7 +82,7 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer,
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int, grad_clip: float,
-               device: torch.device, precision: str = "fp32", poison: bool = False) -> StepResult:
+               device: torch.device, precision: str, poison: bool = False) -> StepResult:
     """forward_backward, then optimizer_step: one optimizer step over this rank's share of the batch."""
     result = forward_backward(model, inputs, targets, micro_batch, device, precision, poison)
     result.grad_norm, result.skipped = optimizer_step(model, optimizer, scheduler, grad_clip)

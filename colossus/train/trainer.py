@@ -129,6 +129,7 @@ class Trainer:
         say = print if runtime.is_main else (lambda text: None)
         # The planner's prediction for this very run (rank 0), taken before the model is built.
         self.planner = PlannerCheck(config, layout, device, say) if runtime.is_main else None
+        runtime.barrier()  # the other ranks wait idle while rank 0 may measure the machine for it
         torch.manual_seed(tcfg.seed)
         # Every rank builds the full model from the same seed, then keeps its shards: the weights are the
         # same whatever the layout. (Very large models will need meta-device initialisation instead.)
@@ -140,6 +141,19 @@ class Trainer:
                                   tcfg.seed, prefetch=config.data.prefetch, pin_memory=device.type == "cuda")
         self.progress = Progress()
         self.state = TrainingState(self.model, self.optimizer, self.scheduler, self.loader, self.progress)
+        try:
+            self.open_run()
+        except BaseException:  # the loop closes these otherwise
+            self.loader.close()
+            if hasattr(self, "logger"):
+                self.logger.close()
+            raise
+
+    def open_run(self) -> None:
+        """Resume from the newest intact checkpoint (or a fine-tune's parent), check the ledger and its
+        thresholds, and only then write the run folder; then the components that act during the loop."""
+        config, out, runtime = self.config, self.out, self.runtime
+        tcfg, mcfg, layout, device = config.train, config.model, runtime.layout, runtime.device
         checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
         if restart_count() == 0:
             checkpointer.kill_before_commit_at = config.faults.inject_kill_in_save_at_step
@@ -155,13 +169,13 @@ class Trainer:
         if self.resumed_from is None and tcfg.init_from:  # a fine-tune starts from another run's weights
             parent = Path(tcfg.init_from)
             lineage = {**parent_lineage(parent), "step": load_model_weights(parent / "checkpoints", self.model)}
+        ledger = Ledger.open(out, ledger_rates(mcfg, layout, config.ledger, device),
+                             load_thresholds(config.ledger.thresholds_file or None))
+        self.accounting = Accounting(ledger, config.ledger.stop_at_threshold, self.logger, runtime.is_main)
         if runtime.is_main:
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / "config.toml", config_to_toml(config))
         self.logger.open()
-        ledger = Ledger.open(out, ledger_rates(mcfg, layout, config.ledger, device),
-                             load_thresholds(config.ledger.thresholds_file or None))
-        self.accounting = Accounting(ledger, config.ledger.stop_at_threshold, self.logger, runtime.is_main)
         self.evaluator = Evaluator(validation_batches(self.data.val, mcfg.seq_len, tcfg.global_batch,
                                                       config.eval.batches, runtime.dp_rank, layout.dp),
                                    config.eval.interval, tcfg.steps, runtime, layout.precision)
@@ -354,7 +368,7 @@ class Trainer:
                 "tokens", "model_flops", "hardware_flops", "flop_counter_ratio", "gpu_hours", "energy_kwh", "cost_usd",
                 "cumulative_model_flops")},
         }
-        if self.planner is not None:
+        if self.planner is not None and self.planner.summary().get("measured"):
             summary.update(self.planner.summary())
             self.logger.print(planner_line(summary))
         if self.config.eval.sample_tokens > 0 and not preempted:
