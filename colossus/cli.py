@@ -32,6 +32,7 @@ examples:
   colossus train --steps 600                       # resume ./runs/tiny and train on to step 600
   colossus train configs/tiny.toml --out runs/a --set train.lr=1e-3 --set model.n_layers=6
   colossus train --set model.preset=small --set data.tokenizer=bpe --set model.vocab_size=4096
+  colossus train g.toml --dry-run --world-size 98304   # rank 0 of a planned run, built here in meta tensors
 
 The run folder holds config.toml (resolved config), metrics.jsonl, events.jsonl, tb/ (TensorBoard),
 checkpoints/step-N/ and summary.json. Values in --set are TOML: numbers, true/false, "strings".
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, metavar="N", help="train until step N (same as --set train.steps=N)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=1e-3 (repeatable)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="build the real sharded model and optimizer of rank 0 of --world-size ranks on this "
+                            "machine (fake process group, meta tensors: no data, no compute) and print its bytes "
+                            "beside the planner's")
+    train.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: the ranks of the run to build")
+    train.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
 
     models = commands.add_parser("models", help="list model presets with parameters and FLOPs per token",
                                  description="List the model presets: total and active parameters, FLOPs per token.")
@@ -208,12 +215,24 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import faulthandler
+
     from colossus.config import load_config
+
+    # A process killed by a fatal signal (SIGSEGV, SIGABRT from "terminate called ..." in a native
+    # thread, SIGBUS) prints every thread's Python stack to its stderr first: each rank's own log says
+    # where it died.
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, OSError):  # a stderr that is no file (captured, say)
+        pass
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     config = load_config(args.config, overrides)
+    if args.dry_run or args.world_size is not None or args.json:
+        return run_dry_run(args, config)
     from colossus.train.trainer import train  # torch loads only once the config is known to be good
 
     out = Path(args.out) if args.out else Path("runs") / config.model.name
@@ -228,13 +247,34 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dry_run(args: argparse.Namespace, config) -> int:
+    if not args.dry_run:
+        raise UserError("--world-size and --json go with --dry-run (a real run takes its world size from torchrun)")
+    if args.world_size is None or args.world_size < 1:
+        raise UserError("--dry-run needs --world-size N, the number of ranks of the run to build (N >= 1)")
+    from colossus.train.dry_run import FIELDS, dry_run
+
+    report = dry_run(config, args.world_size)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{config.model.name} on {args.world_size:,} ranks, {report['layout']['dp']:,} data-parallel: rank 0 "
+          f"(it holds the most), built in {report['build_s']:.0f} s")
+    for field in FIELDS:
+        ours, planned = report[field], report["planner"][field]
+        print(f"  {field.removesuffix('_per_rank_max').replace('_', ' ')}: {_bytes(ours)} "
+              f"(planner {_bytes(planned)}, {ours / planned - 1 if planned else 0:+.1%})")
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from colossus.plan.planner import load_model, plan, print_plan, resolve_cluster, write_config
     from colossus.plan.search import parse_layout
 
     model = load_model(args.model)
     cluster, profile = resolve_cluster(args.cluster, args.gpus, Path(args.profile) if args.profile else None)
-    planned = plan(model, cluster, parse_layout(args.layout), args.tokens, args.usd_per_gpu_hour, args.top, profile)
+    planned = plan(model, cluster, parse_layout(args.layout), args.tokens, args.usd_per_gpu_hour, args.top, profile,
+                   spares=args.gpus is None)  # --gpus N: exactly N
     if args.write_config:
         written = write_config(planned, Path(args.write_config))
         print(f"wrote {written}: {planned.best.layout.world_size:,} processes", file=sys.stderr)

@@ -20,7 +20,7 @@ import tomli_w
 
 from colossus.errors import UserError
 from colossus.layout import Layout, check_value
-from colossus.modelconfig import FFN_TYPES, NORM_PLACEMENTS, ModelConfig
+from colossus.modelconfig import FFN_TYPES, MOE_BALANCE, NORM_PLACEMENTS, ModelConfig
 from colossus.models.presets import get_preset
 
 @dataclass
@@ -273,7 +273,9 @@ def validate_model(m: ModelConfig) -> None:
         raise UserError(f"model.ffn_type={m.ffn_type!r} is not one of {', '.join(FFN_TYPES)}")
     if m.norm not in NORM_PLACEMENTS:
         raise UserError(f"model.norm={m.norm!r} is not one of {', '.join(NORM_PLACEMENTS)}")
-    for key in ("attn_softcap", "moe_aux_loss_coef", "moe_z_loss_coef", "capacity_factor"):
+    if m.moe_balance not in MOE_BALANCE:
+        raise UserError(f"model.moe_balance={m.moe_balance!r} is not one of {', '.join(MOE_BALANCE)}")
+    for key in ("attn_softcap", "moe_aux_loss_coef", "moe_z_loss_coef", "capacity_factor", "moe_bias_rate"):
         if getattr(m, key) < 0:
             raise UserError(f"config key model.{key} must be >= 0, got {getattr(m, key)}")
 

@@ -110,18 +110,19 @@ def check_value(key: str, value: object, where: str) -> None:
         raise UserError(f"{where} must be a positive integer, got {value!r}")
 
 
-def layout_from_keys(keys: dict) -> Layout:
+def layout_from_keys(keys: dict, checked: bool = False) -> Layout:
     """A Layout from field values and the shorthand `dp`: with ZeRO 0 the dp / ep data-parallel groups
     replicate (dp_replicate = dp / ep, dp_shard = 1), with ZeRO 1-3 they shard (dp_shard = dp / ep,
-    or dp / (ep x dp_replicate) when dp_replicate is given: HSDP)."""
+    or dp / (ep x dp_replicate) when dp_replicate is given: HSDP). `checked`: the values are known to be
+    in range (the planner's own), so only the split is checked."""
     keys = dict(keys)
     dp = keys.pop("dp", None)
-    for key, value in keys.items():
-        check_value(key, value, f"layout key {key}")
+    if not checked:
+        for key, value in {**keys, **({"dp": dp} if dp is not None else {})}.items():
+            check_value(key, value, f"layout key {key}")
     layout = Layout(**keys)
     if dp is None:
         return layout
-    check_value("dp", dp, "layout key dp")
     outer = layout.ep * (layout.dp_replicate if "dp_replicate" in keys else 1)
     if dp % outer:
         raise UserError(f"dp={dp} is not a multiple of ep={layout.ep}" + (
@@ -134,6 +135,17 @@ def layout_from_keys(keys: dict) -> Layout:
     if layout.zero == 0 and "dp_replicate" not in keys:
         return replace(layout, dp_replicate=dp // layout.ep, dp_shard=1)
     return replace(layout, dp_shard=dp // outer)
+
+
+def expert_shard_dim(shape: tuple[int, ...], ranks: int) -> int:
+    """The dimension FSDP shards a stacked expert weight on over `ranks`: dim 0 (the experts this rank
+    holds after expert parallelism) while there are at least as many of them as ranks; else the first
+    other dimension the ranks divide (FSDP2 splits only dim 0 unevenly); else dim 0 after all, where the
+    first ranks hold whole experts and the rest none (the planner counts this in
+    costmodel.state_bytes, and such a layout does not fit)."""
+    if shape[0] >= ranks:
+        return 0
+    return next((dim for dim in range(1, len(shape)) if shape[dim] % ranks == 0), 0)
 
 
 def check_fits(layout: Layout, m: ModelConfig) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 FFN_TYPES = ("geglu", "swiglu", "gelu")
 NORM_PLACEMENTS = ("sandwich", "pre")
+MOE_BALANCE = ("global_batch", "micro_batch", "bias")
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ModelConfig:
     router_renormalize: bool = False  # Grok-1 gates are the plain softmax probabilities
     moe_aux_loss_coef: float = 0.01  # Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4)
     moe_z_loss_coef: float = 0.001  # router z-loss (Zoph et al. 2022, ST-MoE, eq. 5)
+    # What the load-balancing loss balances: the experts' load over the whole global batch (Qiu et al.
+    # 2025, "global-batch" balance: the same loss for every layout and micro-batch split), over each
+    # micro-batch on each rank, or no loss but DeepSeek-V3's routing bias moved towards balance.
+    moe_balance: str = "global_batch"  # global_batch, micro_batch, bias
+    moe_bias_rate: float = 0.001  # moe_balance = bias: how far each step moves an expert's bias (gamma)
     capacity_factor: float = 0.0  # 0 = dropless; otherwise tokens per expert <= cf * tokens * top_k / experts
     init_std: float = 0.02
 

@@ -53,6 +53,37 @@ def layer_params(m: ModelConfig, active: bool = False) -> int:
     return attention_params(m) + experts * expert_params(m) + router_params(m) + norm_params_per_layer(m)
 
 
+def parameter_shapes(m: ModelConfig) -> tuple[list[tuple[str, tuple[int, ...], str]], list[tuple[str, tuple[int, ...], str]]]:
+    """The model's parameters as (name, shape, how tensor parallelism splits it): those of one block, and
+    the rest (embedding, output, final norm). The split is what colossus.parallel.tensor does:
+    "colwise" dim 0 over tp, "rowwise" dim 1, "replicated" none; expert weights [experts, in, out] are
+    split on dim 0 by expert parallelism and on their hidden dimension (2 for "expert_in", 1 for
+    "expert_out") by tp. The planner's per-rank memory adds FSDP's sharding to this."""
+    d, q, f = m.d_model, m.head_dim, m.ffn_dim
+    block = [("attention.wq.weight", (m.n_heads * q, d), "colwise"),
+             ("attention.wk.weight", (m.n_kv_heads * q, d), "colwise"),
+             ("attention.wv.weight", (m.n_kv_heads * q, d), "colwise"),
+             ("attention.wo.weight", (d, m.n_heads * q), "rowwise")]
+    norms = ("attention_norm", "post_attention_norm", "ffn_norm", "post_ffn_norm") if m.norm == "sandwich" else (
+        "attention_norm", "ffn_norm")
+    block += [(f"{norm}.weight", (d,), "replicated") for norm in norms]
+    gated = m.ffn_type in ("geglu", "swiglu")
+    if m.is_moe:
+        block += [("ffn.router.weight", (m.n_experts, d), "replicated"),
+                  ("ffn.experts.w_in", (m.n_experts, d, f), "expert_in"),
+                  ("ffn.experts.w_out", (m.n_experts, f, d), "expert_out")]
+        if gated:
+            block.append(("ffn.experts.w_up", (m.n_experts, d, f), "expert_in"))
+    else:
+        block += [("ffn.w_in.weight", (f, d), "colwise"), ("ffn.w_out.weight", (d, f), "rowwise")]
+        if gated:
+            block.append(("ffn.w_up.weight", (f, d), "colwise"))
+    rest = [("embedding.weight", (m.vocab_size, d), "colwise"), ("norm.weight", (d,), "replicated")]
+    if not m.tie_embeddings:
+        rest.append(("output.weight", (m.vocab_size, d), "colwise"))
+    return block, rest
+
+
 def params_total(m: ModelConfig) -> int:
     """Every parameter the model holds (what the builder allocates)."""
     return m.n_layers * layer_params(m) + embedding_params(m) + m.d_model  # + final RMSNorm
@@ -97,43 +128,58 @@ def exact_flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
     return 3.0 * sum(forward_matmul_flops(m, seq_len).values())
 
 
+def routing_pass(m: ModelConfig, micro_batches: int) -> bool:
+    """Whether a step runs a routing pass first: an MoE balanced over the global batch whose ranks
+    accumulate micro-batches counts every micro-batch's expert load before the first backward (one more
+    forward, without gradients: colossus.train.step.forward_backward)."""
+    return m.is_moe and m.moe_balance == "global_batch" and micro_batches > 1
+
+
 def hardware_flops_per_token(m: ModelConfig, recompute: str = "none", seq_len: int | None = None,
-                             recomputed_layers: float = 1.0) -> float:
+                             recomputed_layers: float = 1.0, micro_batches: int = 1) -> float:
     """FLOPs the hardware executes, counting activation recomputation: "full" reruns each block's
     forward, "selective" only attention's core (Korthikanti et al. 2022, section 5), in the fraction
-    `recomputed_layers` of the blocks (parallel.recompute_every)."""
+    `recomputed_layers` of the blocks (parallel.recompute_every); and an MoE's routing pass (one more
+    forward) where routing_pass says so."""
     forward = forward_matmul_flops(m, seq_len)
     extra = recomputed_layers * {
         "none": 0.0,
         "full": sum(v for k, v in forward.items() if k != "unembedding"),
         "selective": forward["attn_scores"] + forward["attn_values"],
     }[recompute]
+    if routing_pass(m, micro_batches):
+        extra += sum(forward.values())
     return exact_flops_per_token(m, seq_len) + extra
 
 
 # ----------------------------------------------------------------------------------------- memory
-# Bytes of training state per parameter with mixed precision and Adam: bf16 weights (2), fp32
-# gradients (4: reduced and accumulated in fp32) and the fp32 master copy, momentum and variance
-# (12) (Rajbhandari et al. 2020, ZeRO, section 3.1, with K = 12; fp32 gradients as in Megatron-LM's
-# distributed optimizer). ZeRO stage s shards the last 1, 2 or 3 of these over the data-parallel ranks.
+# Bytes of training state per parameter, as the trainer keeps it (FSDP2 with mixed precision and
+# AdamW): the fp32 parameters are their own master copy (4), with fp32 gradients (4) and fp32 first and
+# second moments (8); ZeRO (Rajbhandari et al. 2020) shards them over the data-parallel ranks. A bf16
+# (or fp8) run computes with copies FSDP gathers in bf16 (2 bytes each), held from the forward to the
+# backward under ZeRO 1-2 and 0, one or two layers at a time under ZeRO 3; an fp32 run gathers fp32 copies
+# under ZeRO 1-2 and computes with the parameters themselves under ZeRO 0. (Megatron-LM's distributed
+# optimizer keeps bf16 weights, fp32 gradients and fp32 master + moments: 2 + 4 + 12, the same 18 bytes
+# unsharded.) Gradients are reduced in bf16 on the wire where precision allows (WEIGHT_BYTES).
 WEIGHT_BYTES = 2
+MASTER_BYTES = 4
 GRAD_BYTES = 4
-OPTIMIZER_BYTES = 12
-# Plain fp32 training (CPUs): the weights are their own master copy, so 4 + 4 + 8 (momentum, variance).
-STATE_BYTES = {"bf16": (WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES), "fp8": (WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES),
-               "fp32": (4, 4, 8)}
+OPTIMIZER_BYTES = 8
+COPY_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}  # a gathered compute copy of one parameter
 # Bytes of each stored activation element (FP8 recipes keep activations for the backward in bf16).
 ACTIVATION_ELEMENT_BYTES = {"bf16": 2, "fp8": 2, "fp32": 4}
 
 
-def state_bytes_per_param(zero: int, dp: int, precision: str = "bf16") -> float:
-    """Weights + gradients + optimizer state held per parameter on one GPU under ZeRO stage `zero`
-    over `dp` data-parallel ranks (ZeRO, Figure 1: stage 1 shards optimizer state, 2 also gradients,
-    3 also weights)."""
-    weight_bytes, grad_bytes, optimizer_bytes = STATE_BYTES[precision]
-    weights = weight_bytes / (dp if zero >= 3 else 1)
-    grads = grad_bytes / (dp if zero >= 2 else 1)
-    return weights + grads + optimizer_bytes / (dp if zero >= 1 else 1)
+def state_bytes_per_param(zero: int, dp: int, precision: str = "bf16") -> dict[str, float]:
+    """Bytes per parameter on one rank under ZeRO stage `zero` over `dp` sharding ranks, as the trainer
+    holds them at the peak of a step (the gathered copies of ZeRO 3, a layer or two at a time, apart):
+    `params` (fp32, sharded under ZeRO 1-3), `gradients`, `optimizer` (the moments), `copies` (the
+    gathered compute copies held through the step). FSDP2 always shards gradients, so stage 1 holds
+    what stage 2 does."""
+    shard = dp if zero >= 1 else 1
+    copies = 0.0 if zero >= 3 or (zero == 0 and precision == "fp32") else COPY_BYTES[precision]
+    return {"params": MASTER_BYTES / shard, "gradients": GRAD_BYTES / shard, "optimizer": OPTIMIZER_BYTES / shard,
+            "copies": copies}
 
 
 def activation_bytes_per_token(m: ModelConfig, recompute: str = "none", element_bytes: int = 2,

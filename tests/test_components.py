@@ -194,7 +194,7 @@ def test_loss_is_computed_outside_the_model_from_its_output() -> None:
     manual = -out.logits.double().log_softmax(-1).gather(-1, y.unsqueeze(-1)).mean()
     assert loss.cross_entropy.item() == pytest.approx(manual.item(), rel=1e-5)
     assert loss.total.item() == pytest.approx(
-        (loss.cross_entropy + MODEL.moe_aux_loss_coef * out.aux_loss + MODEL.moe_z_loss_coef * out.z_loss).item())
+        (loss.cross_entropy + MODEL.moe_aux_loss_coef * loss.aux_loss + MODEL.moe_z_loss_coef * out.z_loss).item())
     padded = y.clone()
     padded[:, -3:] = -100  # ignored positions (sequence-parallel padding) do not count
     keep = (slice(None), slice(0, MODEL.seq_len - 3))

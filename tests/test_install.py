@@ -58,17 +58,16 @@ def test_every_third_party_import_is_installed_and_declared() -> None:
 
 def module_imports() -> dict[str, set[str]]:
     """colossus module -> the colossus modules it imports at its top level (what runs on import)."""
+    paths = {("colossus." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): path
+             for path in PACKAGE.rglob("*.py")}
     graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        name = "colossus." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-        name = name.removesuffix(".__init__")
+    for name, path in paths.items():
         found = set()
         for node in ast.parse(path.read_text()).body:  # top level only: imports inside functions are lazy
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("colossus"):
-                if node.module == "colossus":  # `from colossus import modelmath` imports colossus.modelmath
-                    found.update(f"colossus.{alias.name}" for alias in node.names)
-                else:
-                    found.add(node.module)
+                for alias in node.names:  # `from colossus.models import rng` imports the module colossus.models.rng
+                    submodule = f"{node.module}.{alias.name}"
+                    found.add(submodule if submodule in paths else node.module)
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names if alias.name.startswith("colossus"))
         graph[name] = found
@@ -96,15 +95,16 @@ def test_the_model_file_imports_only_torch_and_the_model_description() -> None:
     """models/grok.py reads in one sitting: torch, the model's config and math, its MoE layer; nothing of
     parallelism, training or accounting (those wrap the model from outside)."""
     graph = module_imports()
-    assert graph["colossus.models.grok"] <= {"colossus.modelconfig", "colossus.modelmath", "colossus.models.moe"}
+    assert graph["colossus.models.grok"] <= {"colossus.modelconfig", "colossus.modelmath", "colossus.models.moe",
+                                             "colossus.models.rng"}
     assert graph["colossus.models.moe"] <= {"colossus.modelconfig"}
 
 
 def test_the_catalog_sits_below_train_and_plan() -> None:
     """The GPU catalog is colossus.hardware, which imports neither; the trainer asks the planner only for
-    its prediction of the run (train/prediction.py)."""
+    its figures of the run: the prediction (train/prediction.py) and the dry run's (train/dry_run.py)."""
     graph = module_imports()
     assert not any(m.startswith(("colossus.train", "colossus.plan")) for m in graph["colossus.hardware"])
     train_uses_plan = {name for name, imported in graph.items() if name.startswith("colossus.train")
                        and any(m.startswith("colossus.plan") for m in imported)}
-    assert train_uses_plan == {"colossus.train.prediction"}
+    assert train_uses_plan == {"colossus.train.prediction", "colossus.train.dry_run"}

@@ -21,7 +21,7 @@ from colossus.models.grok import (
     math_attention,
 )
 from colossus.models.moe import MoE, grouped_matmul
-from colossus.train.loss import training_loss
+from colossus.train.loss import expert_load, load_balancing_loss, training_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +35,13 @@ CFG = ModelConfig(name="test", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, 
 def loss_of(model, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The training loss of one batch, computed outside the model as the trainer does."""
     return training_loss(model(tokens), targets, model.cfg).total
+
+
+def layer_losses(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(experts' load, load-balancing loss, z-loss) of one MoE call, as the trainer's loss computes them."""
+    _, stats = moe(x)
+    load = expert_load(stats.slots[None])[0]
+    return load, load_balancing_loss(stats.mean_probs[None], load[None]), stats.z_loss
 
 def cfg(**changes) -> ModelConfig:
     return dataclasses.replace(CFG, **changes)
@@ -131,9 +138,9 @@ def test_forward_shapes_and_initial_loss():
     loss = training_loss(out, torch.roll(tokens, -1, dims=1), c)
     assert out.logits.shape == (2, 16, 64)
     assert loss.cross_entropy.item() == pytest.approx(math.log(64), abs=0.05)  # ln 64 = 4.159
-    assert out.aux_loss.shape == () and out.z_loss.shape == ()
-    assert out.expert_load.shape == (2, 4)
-    expected = loss.cross_entropy + c.moe_aux_loss_coef * out.aux_loss + c.moe_z_loss_coef * out.z_loss
+    assert loss.aux_loss.shape == () and out.z_loss.shape == ()
+    assert out.router_probs.shape == out.expert_slots.shape == (2, 4)
+    expected = loss.cross_entropy + c.moe_aux_loss_coef * loss.aux_loss + c.moe_z_loss_coef * out.z_loss
     assert loss.total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert loss.total.requires_grad and not loss.cross_entropy.requires_grad
 
@@ -149,7 +156,7 @@ def test_cross_entropy_is_that_of_the_logits():
     manual = -logp.gather(-1, targets.unsqueeze(-1)).mean()
     assert loss.cross_entropy.item() == pytest.approx(manual.item(), rel=1e-5)
     assert loss.total.item() == pytest.approx(loss.cross_entropy.item())  # dense: no router losses
-    assert out.aux_loss is None and out.expert_load is None
+    assert out.router_probs is None and out.expert_slots is None and loss.aux_loss is None
 
 
 @pytest.mark.parametrize("softcap", [30.0, 0.0], ids=["softcap", "sdpa"])
@@ -554,7 +561,7 @@ def test_moe_matches_naive_per_token_reference(ffn_type, renormalize):
     out, stats = moe(x)
     assert out.shape == x.shape
     torch.testing.assert_close(out, naive_moe(moe, x), rtol=1e-4, atol=1e-5)
-    gates, experts, _ = moe.route(x.reshape(-1, 32))
+    gates, experts, _, _ = moe.route(x.reshape(-1, 32))
     assert experts.shape == (14, 2) and (experts[:, 0] != experts[:, 1]).all()
     probs = torch.softmax(x.reshape(-1, 32) @ moe.router.weight.T, dim=-1)
     top2 = probs.topk(2, dim=-1).values
@@ -608,10 +615,10 @@ def test_router_and_attention_logits_stay_fp32_under_autocast():
     moe = make_moe(cfg(), seed=3, router_std=1.0)
     x = torch.randn(10, 32, generator=torch.Generator().manual_seed(4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        gates, experts, stats = moe.route(x)
-    plain_gates, plain_experts, plain_stats = moe.route(x)
+        gates, experts, _, z_loss = moe.route(x)
+    plain_gates, plain_experts, _, plain_z_loss = moe.route(x)
     assert gates.dtype == torch.float32 and torch.equal(gates, plain_gates) and torch.equal(experts, plain_experts)
-    assert torch.equal(stats.z_loss, plain_stats.z_loss)
+    assert torch.equal(z_loss, plain_z_loss)
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 4, 16, 8, generator=g) * 3 for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -695,9 +702,9 @@ def test_moe_handles_experts_with_no_tokens():
         moe.router.weight.zero_()
         moe.router.weight[0] = 1.0
         moe.router.weight[1] = 0.5
-    _, experts, stats = moe.route(x.reshape(-1, 32))
+    _, experts, _, _ = moe.route(x.reshape(-1, 32))
     assert set(experts.flatten().tolist()) == {0, 1}
-    torch.testing.assert_close(stats.expert_load, torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(layer_losses(moe, x)[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
     torch.testing.assert_close(moe(x)[0], naive_moe(moe, x), rtol=1e-4, atol=1e-5)
 
 
@@ -716,13 +723,14 @@ def test_aux_and_z_loss_by_hand():
         moe.router.weight.copy_(torch.eye(2))
     ln3 = math.log(3)
     x = torch.tensor([[ln3, 0.0], [0.0, ln3], [ln3, 0.0], [ln3, 0.0]])
-    gates, experts, stats = moe.route(x)
+    gates, experts, _, _ = moe.route(x)
     assert experts.flatten().tolist() == [0, 1, 0, 0]
     torch.testing.assert_close(gates.flatten(), torch.tensor([0.75, 0.75, 0.75, 0.75]))
-    torch.testing.assert_close(stats.expert_load, torch.tensor([0.75, 0.25]))
-    assert stats.aux_loss.item() == pytest.approx(1.125, rel=1e-6)
-    assert stats.z_loss.item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
-    assert stats.z_loss.item() == pytest.approx(1.921812, rel=1e-6)
+    load, aux, z_loss = layer_losses(moe, x)
+    torch.testing.assert_close(load, torch.tensor([0.75, 0.25]))
+    assert aux.item() == pytest.approx(1.125, rel=1e-6)
+    assert z_loss.item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+    assert z_loss.item() == pytest.approx(1.921812, rel=1e-6)
 
 
 def test_aux_loss_is_one_at_balance():
@@ -732,15 +740,15 @@ def test_aux_loss_is_one_at_balance():
     moe = MoE(c)
     with torch.no_grad():
         moe.router.weight.zero_()
-    _, _, stats = moe.route(torch.randn(10, 32))
-    assert stats.aux_loss.item() == pytest.approx(1.0, rel=1e-6)
-    assert stats.z_loss.item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+    _, aux, z_loss = layer_losses(moe, torch.randn(10, 32))
+    assert aux.item() == pytest.approx(1.0, rel=1e-6)
+    assert z_loss.item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
     balanced = MoE(ModelConfig(d_model=2, n_experts=2, top_k=1, ffn_dim=4))
     with torch.no_grad():
         balanced.router.weight.copy_(torch.eye(2))
-    _, _, stats = balanced.route(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
-    torch.testing.assert_close(stats.expert_load, torch.tensor([0.5, 0.5]))
-    assert stats.aux_loss.item() == pytest.approx(1.0, rel=1e-6)
+    load, aux, _ = layer_losses(balanced, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    torch.testing.assert_close(load, torch.tensor([0.5, 0.5]))
+    assert aux.item() == pytest.approx(1.0, rel=1e-6)
 
 
 def test_router_losses_match_explicit_formulas_for_random_router():
@@ -749,7 +757,8 @@ def test_router_losses_match_explicit_formulas_for_random_router():
     c = cfg(n_experts=5, top_k=2)
     moe = make_moe(c, seed=8)
     x = torch.randn(12, 32, generator=torch.Generator().manual_seed(9))
-    _, experts, stats = moe.route(x)
+    _, experts, _, _ = moe.route(x)
+    load, aux_loss, z_loss = layer_losses(moe, x)
     logits = x.double() @ moe.router.weight.double().T
     probs = logits.exp() / logits.exp().sum(-1, keepdim=True)
     counts = torch.zeros(5, dtype=torch.float64)
@@ -760,22 +769,23 @@ def test_router_losses_match_explicit_formulas_for_random_router():
     aux = 5 * sum(f[e] * probs[:, e].mean() for e in range(5))
     z = (logits.exp().sum(-1).log() ** 2).mean()
     assert experts.shape == (12, 2)
-    torch.testing.assert_close(stats.expert_load.double(), f)
-    assert stats.aux_loss.item() == pytest.approx(aux.item(), rel=1e-5)
-    assert stats.z_loss.item() == pytest.approx(z.item(), rel=1e-5)
+    torch.testing.assert_close(load.double(), f)
+    assert aux_loss.item() == pytest.approx(aux.item(), rel=1e-5)
+    assert z_loss.item() == pytest.approx(z.item(), rel=1e-5)
     # both losses are differentiable in the router weight
-    assert stats.aux_loss.requires_grad and stats.z_loss.requires_grad
+    assert aux_loss.requires_grad and z_loss.requires_grad
 
 
 def test_model_expert_load_sums_to_one_per_layer():
-    """expert_load is [n_layers, n_experts], non-negative, each row summing to 1."""
+    """The experts' load is [n_layers, n_experts], non-negative, each row summing to 1: fractions of the
+    2 * 16 * 2 = 64 routed slots the model counts."""
     c = cfg(n_layers=3, n_experts=5, top_k=2)
     out = build_model(c, seed=0)(tokens_for(c))
-    assert out.expert_load.shape == (3, 5)
-    assert (out.expert_load >= 0).all()
-    torch.testing.assert_close(out.expert_load.sum(-1), torch.ones(3))
-    # fractions of 2 * 16 * 2 = 64 routed slots
-    torch.testing.assert_close(out.expert_load * 64, (out.expert_load * 64).round())
+    load = expert_load(out.expert_slots)
+    assert load.shape == (3, 5) and (load >= 0).all()
+    torch.testing.assert_close(load.sum(-1), torch.ones(3))
+    torch.testing.assert_close(out.expert_slots.sum(-1), torch.full((3,), 64.0))
+    torch.testing.assert_close(load * 64, (load * 64).round())
 
 
 # ----------------------------------------------------------------------------- capacity

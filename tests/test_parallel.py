@@ -29,7 +29,10 @@ LAYOUTS = {
     "dp_shard=2,ep=2": {"ep": 2},
     "ep=4": {"ep": 4},
     "zero=0,ep=2": {"zero": 0, "ep": 2},  # plain data parallelism: 2 replicas x 2 expert ranks, nothing sharded
+    "tp=2,ep=2": {"tp": 2, "ep": 2},  # expert tensor parallelism: experts over ep, each one's hidden units over tp
+    "dp_shard=2,tp=2,ep=2": {"tp": 2, "ep": 2, "dp_shard": 2},  # the same under FSDP: 8 processes
 }
+PROCESSES = {"dp_shard=2,tp=2,ep=2": 8}  # the others: 4
 
 
 def losses(run: Path) -> dict[int, dict]:
@@ -76,28 +79,33 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str
     result = {"single": root / "single", "config": config, "root": root}
     for name, keys in LAYOUTS.items():
         overrides = [arg for key, value in keys.items() for arg in ("--set", f"parallel.{key}={value}")]
-        finish(torchrun([str(config), "--out", name, *overrides], root))
+        finish(torchrun([str(config), "--out", name, *overrides], root, nproc=PROCESSES.get(name, 4)))
         result[name] = root / name
     return result
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(runs: dict[str, Path], layout: str) -> None:
-    """Loss and gradient norm of each of the first 10 steps within 1e-4 relative of one process."""
+    """Loss and gradient norm of each of the first 10 steps within 1e-4 relative of one process (the MoE
+    balanced over the global batch, in micro-batches of 2: the single process splits each step in 4)."""
     reference, parallel = losses(runs["single"]), losses(runs[layout])
     assert sorted(parallel) == list(range(1, STEPS + 1))
+    # sharded initialisation: every layout starts from the one process's model
+    assert parallel[1]["loss"] == pytest.approx(reference[1]["loss"], rel=1e-6)
     for step in range(1, STEPS + 1):
         for key in ("loss", "grad_norm"):
             assert parallel[step][key] == pytest.approx(reference[step][key], rel=1e-4), (step, key)
     assert reference[STEPS]["loss"] < reference[1]["loss"] - 0.5  # and the model does learn
 
 
-@pytest.mark.parametrize("target", ["single", "dp_shard=2,tp=2"])
-def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], target: str) -> None:
-    """Saved under dp_shard=4 at step 5, resumed under another layout: steps 6-10 match within 1e-5."""
+@pytest.mark.parametrize("source, target", [("dp_shard=4", "single"), ("dp_shard=4", "dp_shard=2,tp=2"),
+                                            ("dp_shard=2,tp=2,ep=2", "single"), ("dp_shard=2,tp=2,ep=2", "dp_shard=4")])
+def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], source: str, target: str) -> None:
+    """Saved under one layout at step 5, resumed under another: steps 6-10 match within 1e-5 (DCP
+    reshards every weight and moment, expert tensor parallel ones included)."""
     root = runs["root"]
-    resumed = root / f"resumed-{target}"
-    shutil.copytree(runs["dp_shard=4"], resumed)
+    resumed = root / f"resumed-{source}-{target}"
+    shutil.copytree(runs[source], resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
     if target == "single":
         result = subprocess.run([sys.executable, "-m", "colossus.train", str(runs["config"]), "--out", str(resumed)],
@@ -106,9 +114,10 @@ def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], target: str) 
         assert result.returncode == 0, result.stderr
         output = result.stdout
     else:
-        output = finish(torchrun([str(runs["config"]), "--out", str(resumed), "--set", "parallel.tp=2"], root))
+        overrides = [arg for key, value in LAYOUTS[target].items() for arg in ("--set", f"parallel.{key}={value}")]
+        output = finish(torchrun([str(runs["config"]), "--out", str(resumed), *overrides], root))
     assert "resumed" in output and "from step 5" in output
-    uninterrupted = losses(runs["dp_shard=4"])
+    uninterrupted = losses(runs[source])
     after = losses(resumed)
     for step in range(6, STEPS + 1):
         assert after[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-5), step
@@ -178,8 +187,7 @@ def test_dp_shard_fills_the_world() -> None:
 @pytest.mark.parametrize("parallel, world, words", [
     (dict(dp_shard=2, tp=2), 8, ["dp_shard=2 x tp=2", "needs 4 processes", "8 were launched"]),
     (dict(tp=3), 4, ["tp=3", "needs 3 processes", "4 were launched"]),
-    (dict(tp=2, ep=4, dp_shard=2), 1, ["needs 16 processes", "1 was launched",
-                                         "lacks tensor together with expert parallelism"]),
+    (dict(pp=2, ep=4, dp_shard=2), 1, ["needs 16 processes", "1 was launched", "lacks pipeline parallelism"]),
 ])
 def test_layout_world_mismatch_names_the_numbers(parallel: dict, world: int, words: list[str]) -> None:
     with pytest.raises(UserError) as error:
@@ -204,7 +212,6 @@ def test_layout_that_does_not_fit_the_model(layout: Layout, model: ModelConfig, 
 
 
 @pytest.mark.parametrize("parallel, missing", [
-    (dict(tp=2, ep=2), "tensor together with expert parallelism"),
     (dict(pp=2), "pipeline parallelism"),
     (dict(cp=2), "context parallelism"),
 ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import os
 import sys
@@ -238,6 +239,9 @@ def main() -> None:
     parser.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block")
     args = parser.parse_args()
+    # A rank killed by a signal (SIGABRT from "terminate called ..." in a gloo thread or a kernel,
+    # SIGSEGV) prints every thread's Python stack to its own stderr first: where it died.
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     if args.hsdp:
@@ -300,6 +304,11 @@ def main() -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    # Ranks 1..N-1 get here while rank 0 is still comparing: wait for it, so that no rank tears its
+    # connections down while a peer may still be in (or entering) a collective with it (as
+    # colossus.parallel.runtime.Runtime.close does after a clean finish; the error path above exits
+    # at once instead).
+    dist.barrier()
     dist.destroy_process_group()
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch import nn
 
 from colossus import modelmath
 from colossus.modelconfig import ModelConfig
+from colossus.models import rng
 from colossus.models.moe import MoE, RouterStats, activation
 
 
@@ -223,9 +224,9 @@ class ModelOutput:
     loss of their own inside the model."""
 
     logits: torch.Tensor  # [batch, seq, vocab]
-    aux_loss: torch.Tensor | None  # mean over layers of the load-balancing loss (unweighted)
+    router_probs: torch.Tensor | None  # [n_layers, n_experts] mean router probability per expert (with gradient)
+    expert_slots: torch.Tensor | None  # [n_layers, n_experts] (token, expert) slots routed to each expert
     z_loss: torch.Tensor | None  # mean over layers of the router z-loss (unweighted)
-    expert_load: torch.Tensor | None  # [n_layers, n_experts] fraction of routed slots
 
 
 class Transformer(nn.Module):
@@ -240,21 +241,31 @@ class Transformer(nn.Module):
         expected = modelmath.params_total(cfg)
         assert counted == expected, f"model has {counted} parameters but modelmath says {expected}"
 
+    def initial_values(self, name: str, index: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """The initial values of parameter `name` at the flat element indices `index` (into the whole
+        tensor): norm scales 1, every other weight Normal(0, init_std), output projections scaled by
+        1/sqrt(2 n_layers) so the residual stream's variance does not grow with depth (GPT-2, Radford
+        et al. 2019). Each value depends only on (seed, name, index) (models/rng.py), so a shard can be
+        initialised alone and every way of sharding gives the same model."""
+        if name.endswith("norm.weight"):
+            return torch.ones(index.shape, device=index.device)
+        leaf = name.split(".")[-2] if name.endswith(".weight") else name.split(".")[-1]
+        std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers) if leaf in ("wo", "w_out") else self.cfg.init_std
+        return rng.normal(rng.key_of(seed, name), index, std)
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Normal(0, init_std) weights from a generator seeded with `seed` (the same model whatever
-        else used the global RNG); output projections scaled by 1/sqrt(2 n_layers) so the residual
-        stream's variance does not grow with depth (GPT-2, Radford et al. 2019)."""
-        generator = torch.Generator(device=self.embedding.weight.device).manual_seed(seed)
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        out_projections = {"wo", "w_out"}
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            else:
-                leaf = name.split(".")[-2] if name.endswith(".weight") else name.split(".")[-1]
-                nn.init.normal_(param, std=out_std if leaf in out_projections else std, generator=generator)
+            index = torch.arange(param.numel(), device=param.device).view(param.shape)
+            param.copy_(self.initial_values(name, index, seed))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """State that is not trained: the MoE routing biases of moe_balance = bias start at 0."""
+        for name, buffer in self.named_buffers():
+            if name.endswith("router_bias"):
+                buffer.zero_()
 
     def forward(self, tokens: torch.Tensor) -> ModelOutput:
         cfg = self.cfg
@@ -270,12 +281,10 @@ class Transformer(nn.Module):
         weight = self.embedding.weight if self.output is None else self.output.weight
         logits = scaled(F.linear(h, weight), cfg.output_multiplier)
 
-        aux = z = load = None
-        if stats:
-            aux = torch.stack([s.aux_loss for s in stats]).mean()
-            z = torch.stack([s.z_loss for s in stats]).mean()
-            load = torch.stack([s.expert_load for s in stats])
-        return ModelOutput(logits, aux, z, load)
+        if not stats:
+            return ModelOutput(logits, None, None, None)
+        return ModelOutput(logits, torch.stack([s.mean_probs for s in stats]), torch.stack([s.slots for s in stats]),
+                           torch.stack([s.z_loss for s in stats]).mean())
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,

@@ -20,11 +20,13 @@ from colossus.modelconfig import ModelConfig
 
 @dataclass
 class RouterStats:
-    """What one MoE layer reports besides its output."""
+    """What one MoE layer reports besides its output, for the losses computed outside the model: the
+    load-balancing loss needs the experts' load, which may be counted over more than this call's tokens
+    (the whole global batch: colossus.train.loss)."""
 
-    aux_loss: torch.Tensor  # load-balancing loss, unweighted (1.0 at perfect balance)
-    z_loss: torch.Tensor  # router z-loss, unweighted
-    expert_load: torch.Tensor  # fraction of routed token slots per expert, [n_experts], no grad
+    mean_probs: torch.Tensor  # [n_experts] mean router probability over this call's tokens (with gradient)
+    slots: torch.Tensor  # [n_experts] (token, expert) slots routed to each expert, float, no gradient
+    z_loss: torch.Tensor  # router z-loss, unweighted (Zoph et al. 2022, ST-MoE, eq. 5)
 
 
 def activation(ffn_type: str, gate: torch.Tensor) -> torch.Tensor:
@@ -108,30 +110,34 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = GroupedExperts(cfg)
+        if cfg.moe_balance == "bias":
+            # DeepSeek-V3's auxiliary-loss-free balancing (Liu et al. 2024, section 2.1.2): a per-expert bias
+            # added to the scores for choosing experts only, moved by the trainer after each step towards
+            # balance (colossus.train.loss.update_router_bias). Saved in checkpoints, not trained.
+            self.register_buffer("router_bias", torch.zeros(cfg.n_experts))
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
-        """Router in fp32 over all experts (Grok-1); returns gates [N, k], expert ids [N, k] and stats."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router in fp32 over all experts (Grok-1); returns gates [N, k], expert ids [N, k], the mean
+        probability of each expert and the z-loss."""
         cfg = self.cfg
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this linear in bf16
             logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
-        gates, experts = probs.topk(cfg.top_k, dim=-1)
+        if cfg.moe_balance == "bias":
+            experts = (probs + self.router_bias).topk(cfg.top_k, dim=-1).indices
+            gates = probs.gather(-1, experts)  # the gates stay the plain probabilities
+        else:
+            gates, experts = probs.topk(cfg.top_k, dim=-1)
         if cfg.router_renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
-        # Fraction of the N*k routed slots that each expert receives.
-        slots = torch.zeros_like(probs).scatter_(1, experts, 1.0)
-        load = slots.mean(dim=0) / cfg.top_k
-        # Switch Transformer load-balancing loss: E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4).
-        aux_loss = cfg.n_experts * (load * probs.mean(dim=0)).sum()
-        # Router z-loss: mean squared log-partition (Zoph et al. 2022, ST-MoE, eq. 5).
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        return gates, experts, RouterStats(aux_loss, z_loss, load.detach())
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # ST-MoE's z-loss: mean squared log-partition
+        return gates, experts, probs.mean(dim=0), z_loss
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         cfg = self.cfg
         shape = x.shape
         x = x.reshape(-1, cfg.d_model)
-        gates, experts, stats = self.route(x)
+        gates, experts, mean_probs, z_loss = self.route(x)
 
         # Sort the N*k (token, expert) slots by expert; a stable sort keeps token order within an expert.
         sorted_experts, order = torch.sort(experts.reshape(-1), stable=True)
@@ -151,4 +157,4 @@ class MoE(nn.Module):
         expert_out = self.experts(x[token_of_slot], counts)
         weighted = expert_out * slot_gates.unsqueeze(-1).to(expert_out.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of_slot, weighted.to(x.dtype))
-        return out.reshape(shape), stats
+        return out.reshape(shape), RouterStats(mean_probs, counts.detach().float(), z_loss)

@@ -49,12 +49,20 @@ class TokenExchange:
         return all_to_all_single_autograd(by_source.contiguous(), send_sizes, recv_sizes, self.group)
 
 
-def apply_expert_parallel(experts: GroupedExperts, mesh: DeviceMesh, n_experts: int) -> None:
-    """Shard the stacked expert weights over `mesh` on their first dimension and hook the exchange in."""
-    for name in ("w_in", "w_up", "w_out"):
+def apply_expert_parallel(experts: GroupedExperts, ep_mesh: DeviceMesh, n_experts: int,
+                          weights_mesh: DeviceMesh | None = None) -> None:
+    """Shard the stacked expert weights on their first (expert) dimension over `ep_mesh` and hook the
+    token exchange in. With tensor parallelism too, `weights_mesh` is the 2-D [ep, tp] mesh: each
+    expert's hidden dimension is split over tp as well (expert tensor parallelism: Grok's 32,768-wide
+    experts are wide enough for it to pay), and the tp ranks of an ep group exchange the same tokens."""
+    from colossus.parallel.tensor import EXPERT_HIDDEN_DIM
+
+    for name, hidden in EXPERT_HIDDEN_DIM.items():
         weight = getattr(experts, name)
         if weight is not None:
-            setattr(experts, name, nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(0)])))
-    exchange = TokenExchange(mesh, n_experts)
+            placements = [Shard(0)] if weights_mesh is None else [Shard(0), Shard(hidden)]
+            setattr(experts, name, nn.Parameter(distribute_tensor(weight.data, weights_mesh or ep_mesh, placements,
+                                                                  src_data_rank=None)))
+    exchange = TokenExchange(ep_mesh, n_experts)
     experts.register_forward_pre_hook(exchange.dispatch)
     experts.register_forward_hook(exchange.combine)

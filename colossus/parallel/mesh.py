@@ -27,6 +27,7 @@ class Meshes:
     expert_dp: object  # FSDP of expert weights, likewise
     ep: object
     tp: object
+    experts: object = None  # [ep, tp] where both split the experts (expert tensor parallelism)
 
 
 def build_mesh(layout: Layout, device_type: str) -> Meshes:
@@ -46,10 +47,14 @@ def build_mesh(layout: Layout, device_type: str) -> Meshes:
         if layout.ep > 1:
             ranks = world.mesh.reshape(-1, 1, layout.tp)  # [dp_replicate x ep, 1, tp]
             dense = DeviceMesh(device_type, ranks, mesh_dim_names=("dp_all", "one", "tp_all"))["dp_all", "one"]
-        return Meshes(world, dp, dense, replicate, world["ep"], world["tp"])
+        return Meshes(world, dp, dense, replicate, world["ep"], world["tp"], _expert_mesh(world, layout))
     fsdp = world["dp_shard", "ep"]._flatten("fsdp")
     with warnings.catch_warnings():  # HSDP needs a 2-D slice that includes the flattened dimension
         warnings.filterwarnings("ignore", message="Slicing a flattened dim")
         dense = world["dp_replicate", "fsdp"] if layout.dp_replicate > 1 else fsdp
     expert_dp = world["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else world["dp_shard"]
-    return Meshes(world, dp, dense, expert_dp, world["ep"], world["tp"])
+    return Meshes(world, dp, dense, expert_dp, world["ep"], world["tp"], _expert_mesh(world, layout))
+
+
+def _expert_mesh(world, layout: Layout):
+    return world["ep", "tp"] if layout.ep > 1 and layout.tp > 1 else None

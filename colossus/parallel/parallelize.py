@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
-from colossus.layout import Layout
+from colossus.layout import Layout, expert_shard_dim
 from colossus.models.grok import Transformer
 from colossus.models.moe import MoE
 from colossus.parallel.expert import apply_expert_parallel
@@ -26,8 +26,6 @@ def missing_features(layout: Layout) -> list[str]:
         missing.append(f"pipeline parallelism (parallel.pp={layout.pp})")
     if layout.cp > 1:
         missing.append(f"context parallelism (parallel.cp={layout.cp})")
-    if layout.tp > 1 and layout.ep > 1:
-        missing.append(f"tensor together with expert parallelism (parallel.tp={layout.tp} with parallel.ep={layout.ep})")
     if layout.precision == "fp8":
         missing.append("fp8 training (train.precision=fp8)")
     return missing
@@ -36,10 +34,10 @@ def missing_features(layout: Layout) -> list[str]:
 def parallelize(model: Transformer, layout: Layout, mesh: Meshes | None, device: torch.device,
                 compile: bool = False) -> None:
     if layout.tp > 1:
-        apply_tensor_parallel(model, mesh.tp)
+        apply_tensor_parallel(model, mesh.tp, shard_expert_weights=layout.ep == 1)
     if layout.ep > 1:
         for layer in model.layers:
-            apply_expert_parallel(layer.ffn.experts, mesh.ep, model.cfg.n_experts)
+            apply_expert_parallel(layer.ffn.experts, mesh.ep, model.cfg.n_experts, mesh.experts)
     apply_recompute(model, layout.recompute, layout.recompute_every)
     if compile:
         for layer in model.layers:
@@ -84,15 +82,17 @@ def apply_fsdp(model: Transformer, layout: Layout, mesh: Meshes, device: torch.d
         ignored = None
         if layout.ep > 1 and isinstance(block.ffn, MoE):
             experts = block.ffn.experts
+            # FSDP averages the experts' gradients over the ranks that hold the same experts (its own
+            # mesh); their tokens came from ep times as many data-parallel ranks, so each gradient is
+            # also divided by ep as it arrives. (Not FSDP's gradient divide factor: on a mesh whose
+            # shard dimension has one rank, torch 2.13 divides by it twice under gloo's sum reduction.)
+            divide_gradients(experts, layout.ep)
             if expert_mesh.size() > 1:
-                fully_shard(experts, mesh=expert_mesh, **options)
-                experts.set_gradient_divide_factor(float(layout.dp))
-            else:
-                # No other rank holds these experts: nothing to reduce, only the mean over the
-                # data-parallel ranks whose tokens they served (FSDP on a one-rank mesh over-divides).
+                ranks = expert_mesh.mesh.shape[-1]  # the shard dimension
+                fully_shard(experts, mesh=expert_mesh, shard_placement_fn=lambda p: Shard(expert_shard_dim(
+                    tuple((p.to_local() if isinstance(p, DTensor) else p).shape), ranks)), **options)
+            else:  # no other rank holds these experts: nothing to reduce
                 ignored = set(experts.parameters())
-                for param in ignored:
-                    param.register_hook(lambda grad: grad / layout.dp)  # before accumulation: exact with micro-batches
         fully_shard(layer, mesh=dense_mesh, ignored_params=ignored, **options)
     fully_shard(model, mesh=dense_mesh, **options)
     if device.type == "cpu":
@@ -100,6 +100,21 @@ def apply_fsdp(model: Transformer, layout: Layout, mesh: Meshes, device: torch.d
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
+
+
+def divide_gradients(module: nn.Module, divisor: float) -> None:
+    """Divide the gradient of each of the module's parameters by `divisor` as it arrives (before
+    accumulation: exact with micro-batches). The hooks go on at the first forward, onto the parameters
+    the module holds then: those of a model built on the meta device are replaced when it is
+    materialised (parallel/init.py)."""
+    def register(module: nn.Module, args: tuple) -> None:
+        if getattr(module, "_gradients_divided", False):
+            return
+        for param in module.parameters():
+            param.register_hook(lambda grad: grad / divisor)
+        module._gradients_divided = True
+
+    module.register_forward_pre_hook(register)
 
 
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -42,6 +42,14 @@ class Runtime:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp.get_group())
         return total / self.layout.dp
 
+    def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-rank tensor over the data-parallel ranks (on every one of them)."""
+        if self.mesh is None or self.layout.dp == 1:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp.get_group())
+        return total
+
     def sum_over_ranks(self, value: float) -> float:
         """A host number summed over every rank (the world's total of a per-rank count)."""
         if self.mesh is None:

@@ -78,12 +78,18 @@ class _ExpertTensorParallel:
         return reduce_from_tp(output, self.mesh)
 
 
-def shard_experts(experts: nn.Module, mesh: DeviceMesh) -> None:
-    """w_in/w_up [E, d, f] -> Shard(2), w_out [E, f, d] -> Shard(1) over `mesh`; f/g hooks around the module."""
-    for name, dim in (("w_in", 2), ("w_up", 2), ("w_out", 1)):
-        weight = getattr(experts, name)
-        if weight is not None:
-            setattr(experts, name, nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(dim)])))
+# The hidden (ffn) dimension of each stacked expert weight: w_in/w_up [E, d, f] and w_out [E, f, d].
+EXPERT_HIDDEN_DIM = {"w_in": 2, "w_up": 2, "w_out": 1}
+
+
+def shard_experts(experts: nn.Module, mesh: DeviceMesh, shard_weights: bool = True) -> None:
+    """f/g hooks around the experts, and (unless expert parallelism shards them together with its own
+    dimension: parallel/expert.py) their weights split on the hidden dimension over `mesh`."""
+    if shard_weights:
+        for name, dim in EXPERT_HIDDEN_DIM.items():
+            weight = getattr(experts, name)
+            if weight is not None:
+                setattr(experts, name, nn.Parameter(distribute_tensor(weight.data, mesh, [Shard(dim)], src_data_rank=None)))
     hooks = _ExpertTensorParallel(mesh)
     experts.register_forward_pre_hook(hooks.before)
     experts.register_forward_hook(hooks.after)
@@ -118,11 +124,22 @@ class _PadSequence:
 # ------------------------------------------------------------------ the plan
 
 
+def _local_split(plan):
+    """Styles that split weights locally (src_data_rank None) instead of scattering rank 0's: weights on
+    the meta device have nothing to scatter, and initialised ones are the same on every rank."""
+    for style in (plan.values() if isinstance(plan, dict) else [plan]):
+        if hasattr(style, "src_data_rank"):
+            style.src_data_rank = None
+    return plan
+
+
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_parallel: bool = True,
-                          vocab_parallel: bool = True) -> None:
-    """Shard `model` over the 1-D `tp_mesh` in place (see the module docstring). Every rank must hold
-    the same full weights beforehand (build_model with the same seed); parameter names are unchanged.
-    Apply before activation checkpointing, compile and FSDP."""
+                          vocab_parallel: bool = True, shard_expert_weights: bool = True) -> None:
+    """Shard `model` over the 1-D `tp_mesh` in place (see the module docstring): a model built on the
+    meta device (initialised afterwards, parallel/init.py) or one whose every rank holds the same full
+    weights; parameter names are unchanged. With expert parallelism too, the expert weights are split
+    there, on both dimensions at once (shard_expert_weights=False here). Apply before activation
+    recomputation, compile and FSDP."""
     cfg = model.cfg
     tp = tp_mesh.size()
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "seq_len", "vocab_size"):
@@ -151,23 +168,24 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
             plan["attention"] = PrepareModuleInput(input_layouts=(SEQ, None, None),
                                                    desired_input_layouts=(Replicate(), None, None), **local)
             plan["ffn"] = PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),), **local)
-        parallelize_module(layer, tp_mesh, plan)
+        parallelize_module(layer, tp_mesh, _local_split(plan))
         if moe:
             if sequence_parallel:
                 # The MoE computes on the whole (gathered) sequence, replicated; its output is split
                 # again on the sequence for the norm and residual that follow. Router stats pass through.
                 parallelize_module(layer.ffn, tp_mesh, PrepareModuleOutput(
                     output_layouts=(Replicate(), None), desired_output_layouts=(SEQ, None), **local))
-            shard_experts(layer.ffn.experts, tp_mesh)
+            shard_experts(layer.ffn.experts, tp_mesh, shard_expert_weights)
 
     if vocab_parallel:
         # The embedding table [vocab, d] split on the vocabulary: each rank looks up the tokens in its
         # range, zeros elsewhere, and the partial sums are reduced (scattered on the sequence under SP).
-        parallelize_module(model.embedding, tp_mesh, RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=SEQ if sequence_parallel else Replicate(), **local))
+        parallelize_module(model.embedding, tp_mesh, _local_split(RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=SEQ if sequence_parallel else Replicate(), **local)))
         if model.output is not None:
             # An untied output projection is used as a weight (F.linear), not called: shard it by hand.
-            model.output.weight = nn.Parameter(distribute_tensor(model.output.weight.data, tp_mesh, [Shard(0)]))
+            model.output.weight = nn.Parameter(distribute_tensor(model.output.weight.data, tp_mesh, [Shard(0)],
+                                                                 src_data_rank=None))
     elif sequence_parallel:
         model.embedding.register_forward_hook(
             lambda m, args, out: DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from colossus import modelmath
 from colossus.errors import UserError
 from colossus.hardware import GPU, NIC_EFFICIENCY, NVLINK_EFFICIENCY, gemm_peak_efficiency
-from colossus.layout import Layout
+from colossus.layout import Layout, expert_shard_dim
 from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
 
@@ -243,7 +243,7 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
 # recounts them, so a change to the model that moves them fails there first.
 OPS_PER_DENSE_LAYER = 236
 OPS_PER_MOE_LAYER = 345
-OPS_PER_MICRO_BATCH = 70
+OPS_PER_MICRO_BATCH = 78  # dense 70, MoE 89 (the loss's load-balancing terms are computed outside the model)
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -267,17 +267,67 @@ _FSDP_PROBE_BYTES = (128 * 128 + 128) * 4
 RESERVED_GIB = 3.0
 
 
+def _local_shape(shape: tuple[int, ...], split: str, tp: int, ep: int) -> tuple[int, ...]:
+    """A parameter's shape on one rank after tensor and expert parallelism (modelmath.parameter_shapes)."""
+    dims = list(shape)
+    if split == "colwise":
+        dims[0] //= tp
+    elif split == "rowwise":
+        dims[1] //= tp
+    elif split in ("expert_in", "expert_out"):
+        dims[0] //= ep
+        dims[2 if split == "expert_in" else 1] //= tp
+    return tuple(dims)
+
+
+def _first_shard(shape: tuple[int, ...], dim: int, ranks: int) -> int:
+    """Elements of the largest (first) of `ranks` chunks of a tensor split on `dim` as FSDP2 splits it
+    (torch.chunk: ceil-sized chunks, the last ranks holding less or nothing)."""
+    rows = shape[dim] if shape else 1
+    return min(rows, math.ceil(rows / ranks)) * math.prod(shape) // max(rows, 1)
+
+
+def state_bytes(m: ModelConfig, layout: Layout) -> dict[str, float]:
+    """Bytes of training state on the rank that holds the most (the first of each sharded group: FSDP2
+    gives the first ranks the larger chunks) of the first pipeline stage, as the trainer keeps it
+    (modelmath.state_bytes_per_param): fp32 `params`, `gradients` and `optimizer` moments, each
+    parameter split by tensor and expert parallelism (modelmath.parameter_shapes) and, under ZeRO 1-3,
+    sharded by FSDP over the shard group (dense weights) or its ep-th part (experts, on their second
+    dimension the ranks divide where fewer experts remain than ranks: parallelize.expert_shard_dim); and the gathered
+    compute `copies` held through the step (ZeRO 0-2). With a few thousand ranks and more, a dense
+    matrix has fewer rows than ranks and the first rank's row is far above the average share.
+    `colossus train --dry-run` builds the real sharded model and checks these figures."""
+    block, rest = modelmath.parameter_shapes(m)
+    layers = math.ceil(m.n_layers / layout.pp)
+    dense_ranks = layout.shard_group if layout.zero >= 1 else 1
+    expert_ranks = max(dense_ranks // layout.ep, 1) if layout.zero >= 1 else 1
+    sharded = whole = 0.0
+    for count, params in ((layers, block), (1, rest)):
+        for _, shape, split in params:
+            local = _local_shape(shape, split, layout.tp, layout.ep)
+            expert = split.startswith("expert")
+            ranks = expert_ranks if expert else dense_ranks
+            dim = expert_shard_dim(local, ranks) if expert else 0
+            sharded += count * _first_shard(local, dim, ranks)
+            whole += count * math.prod(local)
+    per = modelmath.state_bytes_per_param(layout.zero, 1, layout.precision)  # bytes per element held
+    return {"params": sharded * per["params"], "gradients": sharded * per["gradients"],
+            "optimizer": sharded * per["optimizer"], "copies": whole * per["copies"]}
+
+
 def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Software(),
-                     reserved_gib: float = RESERVED_GIB) -> dict[str, float]:
+                     reserved_gib: float = RESERVED_GIB, cache: dict | None = None) -> dict[str, float]:
     """Bytes per GPU of the most loaded (first) pipeline stage at its peak: as the backward starts, as
-    it passes a layer, or (gradients freed each step) as it ends."""
-    dense, expert = stage_params(m, layout)
-    replicas = layout.shard_group  # ranks sharding the dense state (never across dp_replicate: HSDP)
-    expert_replicas = max(replicas // layout.ep, 1)
-    weight_bytes, grad_bytes, optimizer_bytes = modelmath.STATE_BYTES[layout.precision]
+    it passes a layer, or (gradients freed each step) as it ends. `cache` memoises the training state
+    across the layouts of one search (it depends only on the sharding)."""
     element_bytes = modelmath.ACTIVATION_ELEMENT_BYTES[layout.precision]
-    held = lambda stage: dense / (replicas if layout.zero >= stage else 1) + expert / (expert_replicas if layout.zero >= stage else 1)  # noqa: E731
-    weights, grads, optimizer = held(3) * weight_bytes, held(2) * grad_bytes, held(1) * optimizer_bytes
+    key = ("state", layout.tp, layout.ep, layout.pp, layout.zero, layout.shard_group, layout.precision)
+    state = cache.get(key) if cache is not None else None
+    if state is None:
+        state = state_bytes(m, layout)
+        if cache is not None:
+            cache[key] = state
+    weights, grads, optimizer = state["params"] + state["copies"], state["gradients"], state["optimizer"]
     tokens = layout.mbs * m.seq_len / layout.cp
     layers = math.ceil(m.n_layers / layout.pp)
     stored = lambda recompute: modelmath.activation_bytes_per_token(  # noqa: E731
@@ -308,9 +358,9 @@ def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Softwa
         # adds over the start.
         grads = max(0.0, grads + stored("none") + working - activations)
     unsharded = 0.0
-    if layout.zero >= 3:  # FSDP gathers a layer ahead: two layers' bf16 weights at once
+    if layout.zero >= 3:  # FSDP gathers a layer ahead: two layers' compute copies at once
         layer = modelmath.layer_params(m) / layout.tp
-        unsharded = 2 * layer * weight_bytes / (layout.ep if m.is_moe else 1)
+        unsharded = 2 * layer * modelmath.COPY_BYTES[layout.precision] / (layout.ep if m.is_moe else 1)
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "buffers": unsharded, "reserved": reserved_gib * GIB}
 
@@ -346,6 +396,8 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     tp_layer = layer.tp_comm * repeated
     ep_layer = layer.ep_comm * repeated
     cp_exposed = max(0.0, layer.cp_comm - 3 * layer.attention_core)  # overlapped with attention (ring attention)
+    if modelmath.routing_pass(m, layout.micro_batches):  # one more forward, without gradients (train/step.py)
+        compute_layer += layer.forward_gemm + attention_forward + layer.elementwise / 3
     layers_per_stage = math.ceil(m.n_layers / layout.pp)  # the fullest stage paces the pipeline
     stage = layers_per_stage * (compute_layer + tp_layer + ep_layer + cp_exposed)
     # The last stage also computes the logits and the loss: its GEMM forward + backward.
@@ -409,7 +461,7 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     step = pipeline + data_parallel + optimizer
 
     on_cpu = getattr(profile, "device", "") == "cpu"  # no CUDA context on a CPU
-    memory = memory_breakdown(m, layout, software, 0.0 if on_cpu else RESERVED_GIB)
+    memory = memory_breakdown(m, layout, software, 0.0 if on_cpu else RESERVED_GIB, layer_costs)
     total_memory = sum(memory.values())
     capacity = cluster.gpu.hbm_gb * 1e9
     tokens_per_step = layout.gbs * m.seq_len

@@ -133,22 +133,49 @@ def _split(m: ModelConfig, fixed: dict, keys: dict, dp: int) -> Layout | None:
     refuse it."""
     split = {key: fixed[key] for key in ("dp_replicate", "dp_shard") if key in fixed}
     try:
-        layout = layout_from_keys({**keys, **split, "dp": dp})
+        layout = layout_from_keys({**keys, **split, "dp": dp}, checked=True)
         check_fits(layout, m)
     except UserError:
         return None
     return layout
 
 
+# A cluster need not train on every GPU: a count with small prime factors, a little below, splits into
+# parallel groups that the cluster's own count may not (100,000 = 2^5 x 5^5 leaves data-parallel groups of
+# 3,125, which divide none of a model's dimensions), and the rest wait as hot spares for the next failure
+# (an assumption: up to 2% of the GPUs, the few largest such counts).
+SPARE_FRACTION = 0.02
+SPARE_COUNTS = 4
+
+
+def gpu_counts(n_gpus: int, gpus_per_node: int) -> list[int]:
+    """The GPU counts a plan may use on a cluster of n_gpus: all of them, and the few largest counts within
+    SPARE_FRACTION below that are whole nodes of the form 2^a 3^b (or 5 times that)."""
+    def smooth(count: int) -> bool:
+        for prime in (2, 3):
+            while count % prime == 0:
+                count //= prime
+        return count in (1, 5)
+
+    low = math.ceil(n_gpus * (1 - SPARE_FRACTION))
+    below = [c for c in range(n_gpus - n_gpus % gpus_per_node, low - 1, -gpus_per_node) if c != n_gpus and smooth(c)]
+    return [n_gpus, *below[:SPARE_COUNTS]]
+
+
 def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile: object | None = None,
-           software: Software = Software()) -> SearchResult:
-    _check_fixed(m, cluster, fixed)
+           software: Software = Software(), spares: bool = True) -> SearchResult:
+    """Rank every layout of `m` on `cluster` that fits; with `spares`, layouts on slightly fewer GPUs
+    too (gpu_counts), the rest kept as hot spares."""
+    counts = gpu_counts(cluster.n_gpus, cluster.gpus_per_node) if spares else [cluster.n_gpus]
+    _check_fixed(m, cluster, fixed, counts)
     # A measured machine is planned in the precision it was measured in (fp32 on a CPU).
     precision = next((p for p, name in TORCH_DTYPE_NAMES.items() if name == getattr(profile, "dtype", "")), "bf16")
     batch = LOCAL_BATCH_SEQUENCES * m.seq_len if profile is not None else DEFAULT_BATCH_TOKENS
-    layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed, MAX_DEFAULT_BATCH_TOKENS, precision, batch)
+    layouts = [layout for n in counts for layout in candidates(m, n, cluster.gpus_per_node, fixed,
+                                                               MAX_DEFAULT_BATCH_TOKENS, precision, batch)]
     if not layouts:
-        layouts = candidates(m, cluster.n_gpus, cluster.gpus_per_node, fixed, precision=precision, batch_tokens=batch)
+        layouts = [layout for n in counts for layout in candidates(m, n, cluster.gpus_per_node, fixed,
+                                                                   precision=precision, batch_tokens=batch)]
     if not layouts:
         raise UserError(_why_no_layout(m, cluster, fixed))
     layer_costs: dict = {}
@@ -158,7 +185,7 @@ def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile:
     return SearchResult(fitting[:top], len(layouts), best_unfit)
 
 
-def _check_fixed(m: ModelConfig, cluster: Cluster, fixed: dict) -> None:
+def _check_fixed(m: ModelConfig, cluster: Cluster, fixed: dict, counts: list[int]) -> None:
     """Name the first fixed key that cannot work, before searching."""
     n = cluster.n_gpus
     if "tp" in fixed and (m.n_heads % fixed["tp"] or m.n_kv_heads % fixed["tp"]):
@@ -172,9 +199,11 @@ def _check_fixed(m: ModelConfig, cluster: Cluster, fixed: dict) -> None:
     product = 1
     for key in ("tp", "pp", "dp", "cp"):
         product *= fixed.get(key, 1)
-    if n % product or (all(k in fixed for k in ("tp", "pp", "dp", "cp")) and product != n):
+    full = all(k in fixed for k in ("tp", "pp", "dp", "cp"))
+    if all(count % product or (full and product != count) for count in counts):
         given = " x ".join(f"{k}={fixed[k]}" for k in ("tp", "pp", "dp", "cp") if k in fixed)
-        raise UserError(f"--layout {given} does not divide the {n:,} GPUs (tp x pp x dp x cp must equal them)")
+        spare = f" or the {', '.join(f'{c:,}' for c in counts[1:])} it may use with spares" if len(counts) > 1 else ""
+        raise UserError(f"--layout {given} does not divide the {n:,} GPUs{spare} (tp x pp x dp x cp must equal them)")
     if "vpp" in fixed and "pp" in fixed and (m.n_layers % fixed["pp"] or (m.n_layers // fixed["pp"]) % fixed["vpp"]):
         raise UserError(f"--layout vpp={fixed['vpp']} does not divide the {m.n_layers // fixed['pp']} layers per stage")
 

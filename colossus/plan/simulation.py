@@ -86,7 +86,8 @@ def plan_phase(model: ModelConfig, cluster: Cluster, options: SimulationOptions)
     if not result.ranked:
         raise UserError(f"{model.name} fits in no layout of {cluster.n_gpus:,} x {cluster.gpu.name}; see `colossus plan`")
     best = result.ranked[0]
-    state_bytes = modelmath.params_total(model) * (modelmath.WEIGHT_BYTES + modelmath.OPTIMIZER_BYTES)
+    # A checkpoint holds the fp32 parameters and both AdamW moments.
+    state_bytes = modelmath.params_total(model) * (modelmath.MASTER_BYTES + modelmath.OPTIMIZER_BYTES)
     write_s = state_bytes / (options.storage_gb_s * 1e9)
     staging_s = state_bytes / cluster.n_gpus / (STAGING_GB_S * 1e9)
     block_s = CHECKPOINT_COORDINATION_S + (staging_s if options.checkpoint_mode == "async" else write_s)

@@ -46,7 +46,7 @@ def check(row: dict) -> Checked:
     fixed = {key: value for key, value in row["layout"].items() if key in LAYOUT_KEYS}
     fixed.setdefault("cp", 1)
     fixed.setdefault("ep", 1)
-    result = search(model, cluster, fixed, top=1, software=Software(**row.get("software", {})))
+    result = search(model, cluster, fixed, top=1, software=Software(**row.get("software", {})), spares=False)
     best = result.ranked[0] if result.ranked else result.best_unfit
     return Checked(row["name"], row["source"], row["step_time_s"], best)
 

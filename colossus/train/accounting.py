@@ -25,8 +25,8 @@ def ledger_rates(m: ModelConfig, layout: Layout, cfg: LedgerConfig, device: torc
     else:
         power = cfg.device_power_w or CPU_WATTS_PER_THREAD * torch.get_num_threads()
         price = CPU_USD_PER_THREAD_HOUR * torch.get_num_threads()
-    hardware = modelmath.hardware_flops_per_token(m, layout.recompute,
-                                                  recomputed_layers=layout.recomputed_fraction(m.n_layers))
+    hardware = modelmath.hardware_flops_per_token(m, layout.recompute, recomputed_layers=layout.recomputed_fraction(
+        m.n_layers), micro_batches=layout.micro_batches)
     return Rates(tokens_per_step=layout.gbs * m.seq_len, model_flops_per_token=modelmath.flops_per_token(m),
                  hardware_flops_per_token=hardware, devices=layout.world_size, device_power_w=power,
                  usd_per_device_hour=price if cfg.usd_per_device_hour < 0 else cfg.usd_per_device_hour, pue=cfg.pue)

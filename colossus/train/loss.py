@@ -26,6 +26,8 @@ IGNORE_INDEX = -100  # targets at padded positions (F.cross_entropy's default ig
 class Loss:
     total: torch.Tensor  # what is backpropagated: cross-entropy + weighted MoE losses
     cross_entropy: torch.Tensor  # detached: what is reported as "loss"
+    aux_loss: torch.Tensor | None = None  # detached, unweighted load-balancing loss (1.0 at perfect balance)
+    z_loss: torch.Tensor | None = None  # detached, unweighted router z-loss
 
 
 def loss_context(logits: torch.Tensor) -> AbstractContextManager:
@@ -40,9 +42,37 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ce.to_local() if isinstance(ce, DTensor) else ce  # replicated under loss_parallel
 
 
-def training_loss(output: ModelOutput, targets: torch.Tensor, cfg: ModelConfig) -> Loss:
+def expert_load(slots: torch.Tensor) -> torch.Tensor:
+    """Each expert's fraction of the routed (token, expert) slots, per layer: [layers, experts]."""
+    return slots / slots.sum(dim=-1, keepdim=True)
+
+
+def load_balancing_loss(router_probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's loss, E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4), averaged over layers:
+    f the experts' load (no gradient), P the mean router probabilities (with it)."""
+    return router_probs.shape[-1] * (load * router_probs).sum(dim=-1).mean()
+
+
+def training_loss(output: ModelOutput, targets: torch.Tensor, cfg: ModelConfig,
+                  load: torch.Tensor | None = None) -> Loss:
+    """Cross-entropy plus, for an MoE, the weighted load-balancing loss (of `load`, the experts' load over
+    the global batch, when given; else of this call's own) and router z-loss. Under moe_balance = bias
+    the routing bias balances the experts instead of a loss."""
     ce = cross_entropy(output.logits, targets)
-    total = ce
-    if output.aux_loss is not None:
-        total = ce + cfg.moe_aux_loss_coef * output.aux_loss + cfg.moe_z_loss_coef * output.z_loss
-    return Loss(total, ce.detach())
+    if output.router_probs is None:
+        return Loss(ce, ce.detach())
+    aux = load_balancing_loss(output.router_probs, load if load is not None else expert_load(output.expert_slots))
+    total = ce + cfg.moe_aux_loss_coef * aux if cfg.moe_balance != "bias" else ce
+    total = total + cfg.moe_z_loss_coef * output.z_loss
+    return Loss(total, ce.detach(), aux.detach(), output.z_loss.detach())
+
+
+@torch.no_grad()
+def update_router_bias(model: torch.nn.Module, load: torch.Tensor, rate: float,
+                       applied: torch.Tensor | bool = True) -> None:
+    """DeepSeek-V3's balancing step (Liu et al. 2024, section 2.1.2): each expert's routing bias moves by
+    `rate` towards balance, down where its load over the step was above the mean, up where below; not
+    at all for a step whose update was skipped (`applied` false: a device flag, read without a sync)."""
+    biases = [m.router_bias for m in model.modules() if hasattr(m, "router_bias")]
+    for bias, layer_load in zip(biases, load):
+        bias += rate * torch.sign(layer_load.mean() - layer_load) * torch.as_tensor(applied, device=bias.device)

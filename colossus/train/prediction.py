@@ -58,6 +58,7 @@ class PlannerCheck:
     def __init__(self, config: RunConfig, layout: Layout, device: torch.device, say: Callable[[str], None]):
         self.device = device
         self.step_times: list[float] = []
+        self.peak_bytes = 0  # the highest training peak sampled at a logged step
         self.cpu_profile = None
         self.predicted: dict[str, float] | None = None
         try:
@@ -92,23 +93,33 @@ class PlannerCheck:
         # "reserved" is the CUDA context and allocator slack, which neither measurement below counts.
         return {"step_time_s": prediction.step_time_s, "peak_memory_gib": (sum(memory.values()) - memory["reserved"]) / GIB}
 
-    def record_step_time(self, seconds: float) -> None:
+    def record_step(self, seconds: float) -> None:
+        """At a logged step: the step time of its window, and the memory peak since the last forget_peak."""
         self.step_times.append(seconds)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = peak_resident_bytes() - self.baseline
+        self.peak_bytes = max(self.peak_bytes, peak)
+
+    def forget_peak(self) -> None:
+        """After a validation or a checkpoint: their own peaks (a checkpoint's serialisation buffers) are
+        not training's, which is what the planner predicts."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_resident()
 
     def measured(self) -> dict[str, float] | None:
         """The step time and the peak memory: the step time of the logged windows after the first (which
         holds the warm-up), as `colossus bench` summarises its timings (typical_seconds: the 20th
         percentile, what the machine does when no other process takes its cores, as the profile behind
-        the prediction describes it); the memory allocated on a GPU, resident above the pre-model
-        baseline on a CPU."""
+        the prediction describes it); the highest memory of the training steps (allocated on a GPU,
+        resident above the pre-model baseline on a CPU), validation and checkpoints left out."""
         windows = self.step_times[1:] or self.step_times
         if not windows:  # no step was trained in this process (a finished run resumed, say)
             return None
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = peak_resident_bytes() - self.baseline
-        return {"step_time_s": typical_seconds(windows), "peak_memory_gib": max(peak, 0) / GIB}
+        return {"step_time_s": typical_seconds(windows), "peak_memory_gib": max(self.peak_bytes, 0) / GIB}
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from colossus.models.grok import Transformer
 from colossus.parallel.parallelize import clip_grad_norm
-from colossus.train.loss import loss_context, training_loss
+from colossus.train.loss import expert_load, loss_context, training_loss, update_router_bias
 
 
 @dataclass
@@ -22,7 +23,7 @@ class StepResult:
     grad_norm: torch.Tensor
     aux_loss: torch.Tensor | None
     z_loss: torch.Tensor | None
-    expert_load: torch.Tensor | None  # [n_layers, n_experts]
+    expert_load: torch.Tensor | None  # [n_layers, n_experts]: each expert's share of the step's routed slots
     skipped: torch.Tensor | bool = False  # the gradient was not finite: no update was applied (a 0-d bool
     # tensor, so that reading it, the only host sync of a step, is the caller's choice)
 
@@ -35,28 +36,48 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
 
 
 def forward_backward(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int,
-                     device: torch.device, precision: str, poison: bool = False) -> StepResult:
+                     device: torch.device, precision: str, poison: bool = False,
+                     sum_over_dp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> StepResult:
     """Gradients of this rank's share of the global batch, accumulated over micro-batches of
     `micro_batch` sequences (a smaller share is one micro-batch); `poison` makes the loss NaN (for
-    testing the NaN guard). The returned result has no gradient norm yet."""
+    testing the NaN guard). The returned result has no gradient norm yet.
+
+    An MoE balanced over the global batch (model.moe_balance) takes the experts' load summed over this
+    step's micro-batches and over the data-parallel ranks (`sum_over_dp`): with one micro-batch the
+    forward's own counts, all-reduced; with more, a routing pass without gradients over all of them
+    first (one more forward: the loss is then the same for every micro-batch split)."""
+    cfg = model.cfg
     n_micro = inputs.shape[0] // micro_batch if inputs.shape[0] >= micro_batch else 1
-    loss_sum = aux_sum = z_sum = load_sum = None
-    for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro)):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                     for x, y in zip(inputs.chunk(n_micro), targets.chunk(n_micro))]
+    global_load = cfg.is_moe and cfg.moe_balance == "global_batch"
+    load = None
+    if global_load and n_micro > 1:
+        with torch.no_grad(), autocast(device, precision):
+            slots = sum(model(x).expert_slots for x, _ in micro_batches)
+        load = expert_load(sum_over_dp(slots))
+    loss_sum = aux_sum = z_sum = slot_sum = None
+    for x, y in micro_batches:
         with autocast(device, precision):
             out = model(x)
+        if global_load and n_micro == 1:
+            load = expert_load(sum_over_dp(out.expert_slots))
         with loss_context(out.logits):
-            loss = training_loss(out, y, model.cfg)
+            loss = training_loss(out, y, cfg, load)
             total = loss.total * float("nan") if poison else loss.total
             (total / n_micro).backward()
         loss_sum = loss.cross_entropy if loss_sum is None else loss_sum + loss.cross_entropy
-        if out.aux_loss is not None:
-            aux_sum = out.aux_loss.detach() if aux_sum is None else aux_sum + out.aux_loss.detach()
-            z_sum = out.z_loss.detach() if z_sum is None else z_sum + out.z_loss.detach()
-            load_sum = out.expert_load if load_sum is None else load_sum + out.expert_load
+        if loss.aux_loss is not None:
+            aux_sum = loss.aux_loss if aux_sum is None else aux_sum + loss.aux_loss
+            z_sum = loss.z_loss if z_sum is None else z_sum + loss.z_loss
+            slot_sum = out.expert_slots if slot_sum is None else slot_sum + out.expert_slots
     mean = (lambda t: None if t is None else t / n_micro)
     loss_mean = loss_sum / n_micro if not poison else torch.full((), float("nan"), device=device)
-    return StepResult(loss_mean, torch.zeros((), device=device), mean(aux_sum), mean(z_sum), mean(load_sum))
+    step_load = None
+    if slot_sum is not None:  # the load this step saw: the whole global batch's where it was counted
+        step_load = load if load is not None else expert_load(
+            sum_over_dp(slot_sum) if cfg.moe_balance == "bias" else slot_sum)
+    return StepResult(loss_mean, torch.zeros((), device=device), mean(aux_sum), mean(z_sum), step_load)
 
 
 def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer,
@@ -82,8 +103,12 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer,
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                inputs: torch.Tensor, targets: torch.Tensor, micro_batch: int, grad_clip: float,
-               device: torch.device, precision: str, poison: bool = False) -> StepResult:
-    """forward_backward, then optimizer_step: one optimizer step over this rank's share of the batch."""
-    result = forward_backward(model, inputs, targets, micro_batch, device, precision, poison)
+               device: torch.device, precision: str, poison: bool = False,
+               sum_over_dp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> StepResult:
+    """forward_backward, then optimizer_step: one optimizer step over this rank's share of the batch
+    (and, under moe_balance = bias, the routing bias moved towards the step's global balance)."""
+    result = forward_backward(model, inputs, targets, micro_batch, device, precision, poison, sum_over_dp)
     result.grad_norm, result.skipped = optimizer_step(model, optimizer, scheduler, grad_clip)
+    if model.cfg.is_moe and model.cfg.moe_balance == "bias":
+        update_router_bias(model, result.expert_load, model.cfg.moe_bias_rate, applied=~result.skipped)
     return result

@@ -33,6 +33,7 @@ from colossus.data import PrefetchingLoader, TokenLoader, make_loader, prepare_t
 from colossus.errors import UserError
 from colossus.files import write_atomic
 from colossus.models.grok import Transformer, build_model
+from colossus.parallel.init import materialize
 from colossus.parallel.parallelize import parallelize
 from colossus.parallel.runtime import Runtime, setup_runtime
 from colossus.train.accounting import Accounting, ledger_rates
@@ -131,10 +132,11 @@ class Trainer:
         self.planner = PlannerCheck(config, layout, device, say) if runtime.is_main else None
         runtime.barrier()  # the other ranks wait idle while rank 0 may measure the machine for it
         torch.manual_seed(tcfg.seed)
-        # Every rank builds the full model from the same seed, then keeps its shards: the weights are the
-        # same whatever the layout. (Very large models will need meta-device initialisation instead.)
-        self.model = build_model(mcfg, device, seed=tcfg.seed)
+        # Built on the meta device and parallelised there; each rank then allocates and fills only its own
+        # shards, with the values one process would give the whole model (parallel/init.py).
+        self.model = build_model(mcfg, "meta")
         parallelize(self.model, layout, runtime.mesh, device, compile=tcfg.compile)
+        materialize(self.model, device, tcfg.seed)
         self.optimizer = build_optimizer(self.model, tcfg, device)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.loader = make_loader(self.data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp,
@@ -225,6 +227,8 @@ class Trainer:
                 if paused:
                     self.throughput.reopen()
                     self.watchdog.beat(progress.step)
+                    if self.planner is not None:
+                        self.planner.forget_peak()
             if stop is None:
                 self.checkpoints.finish()  # the last checkpoint is complete before the run reports success
             self.accounting.finish(stop or "finished")
@@ -248,7 +252,7 @@ class Trainer:
         self.lr = self.scheduler.get_last_lr()[0]
         poison = self.nan_guard.poison(progress.step + 1)
         step = lambda: train_step(self.model, self.optimizer, self.scheduler, inputs, targets, layout.mbs,  # noqa: E731
-                                  tcfg.grad_clip, self.runtime.device, layout.precision, poison)
+                                  tcfg.grad_clip, self.runtime.device, layout.precision, poison, self.runtime.dp_sum)
         ledger = self.accounting.ledger
         if ledger.flop_counter_ratio is None and progress.step == 0:
             result, counted = counted_flops(step, self.model)
@@ -302,7 +306,7 @@ class Trainer:
             record["expert_load"] = [[round(v, 4) for v in row] for row in runtime.dp_mean(result.expert_load).tolist()]
         self.logger.log_step(record, eta_s=(self.config.train.steps - progress.step) * step_time)
         if self.planner is not None:
-            self.planner.record_step_time(step_time)
+            self.planner.record_step(step_time)
         self.accounting.note_crossed(progress.step)
         self.accounting.save()
         self.throughput.reopen()
@@ -436,10 +440,12 @@ def check_run_folder(out: Path, config: RunConfig) -> None:
         previous = tomllib.loads(saved.read_text())
     except (tomllib.TOMLDecodeError, OSError) as exc:
         raise UserError(f"{saved} is unreadable ({exc}); fix it or train into a new --out folder") from None
-    current = config_to_dict(config)
+    current, defaults = config_to_dict(config), config_to_dict(RunConfig())
     for section in ("model", "data"):
-        if previous.get(section) != current[section]:
-            changed = sorted(k for k in current[section] if previous.get(section, {}).get(k) != current[section][k])
+        # A key the saved config lacks (added since that run began) counts as its default then.
+        before = {**defaults[section], **previous.get(section, {})}
+        if before != current[section]:
+            changed = sorted(k for k in current[section] if before.get(k) != current[section][k])
             raise UserError(
                 f"{out} holds a run with a different [{section}] ({', '.join(f'{section}.{k}' for k in changed)}); "
                 "use the same config to resume, or a new --out folder"
