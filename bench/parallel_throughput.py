@@ -1,4 +1,5 @@
-"""Tokens/s of a small MoE under 1, 2 and 4 processes and each parallel layout, side by side.
+"""Tokens/s of a small MoE under 1, 2 and 4 processes and each parallel layout, side by side, and each
+pipeline schedule's measured bubble against the planner's formula.
 
 usage: python bench/parallel_throughput.py [--steps N] [--json]
 
@@ -6,6 +7,12 @@ Every run is the real trainer under torchrun (gloo on CPU, NCCL on GPU) with the
 batch; the figure is the median tokens/s over the logged steps after the first 3 (warm-up). On a
 2-core machine 4 processes oversubscribe the cores: the table shows what the communication costs,
 not a speed-up.
+
+The bubble: a pipeline step with m micro-batches takes T(m) = m t + b (t per micro-batch, b the idle
+fill and drain), so b = 2 T(m) - T(2 m) and t = (T(2 m) - T(m)) / m, from two runs that differ only in
+the global batch. The planner's figure is costmodel.pipeline_bubble for the same layout and t, with
+the forward and the weight-gradient GEMMs a third of t each (the planner's split: the backward costs
+two forwards).
 """
 
 from __future__ import annotations
@@ -21,8 +28,11 @@ from pathlib import Path
 
 import tomli_w
 
+from colossus.layout import Layout
+from colossus.plan.costmodel import pipeline_bubble
+
 REPO = Path(__file__).resolve().parents[1]
-MODEL = dict(name="bench-moe", n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256,
+MODEL = dict(name="bench-moe", n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256,
              n_experts=8, top_k=2, vocab_size=256, seq_len=128, embedding_multiplier=11.3)
 RUNS = [  # (label, processes, [parallel] keys)
     ("1 process", 1, {}),
@@ -32,14 +42,25 @@ RUNS = [  # (label, processes, [parallel] keys)
     ("dp_shard=2 x tp=2", 4, {"tp": 2}),
     ("dp_shard=2 x ep=2", 4, {"ep": 2}),
     ("ep=4", 4, {"ep": 4}),
+    ("pp=2 (1f1b)", 2, {"pp": 2}),
+    ("pp=2 x dp_shard=2", 4, {"pp": 2}),
+    ("cp=2", 2, {"cp": 2}),
+    ("cp=2 x dp_shard=2", 4, {"cp": 2}),
+]
+SCHEDULES = [  # (label, [parallel] keys) of the bubble table: 2 processes, 4 and 8 micro-batches of 2
+    ("1f1b pp=2", {"pp": 2}),
+    ("interleaved-1f1b pp=2 vpp=2", {"pp": 2, "vpp": 2, "pp_schedule": "interleaved-1f1b"}),
+    ("zbv pp=2", {"pp": 2, "vpp": 2, "pp_schedule": "zbv"}),
 ]
 
 
-def run(label: str, procs: int, parallel: dict, steps: int, work: Path) -> float:
-    tables = {"model": MODEL, "train": {"steps": steps, "global_batch": 8, "micro_batch": 2, "threads": 1},
+def run(label: str, procs: int, parallel: dict, steps: int, work: Path, global_batch: int = 8,
+        key: str = "tokens_per_s") -> float:
+    """The median of a metric (tokens/s, or step_time_s) over the steps after the first 3."""
+    tables = {"model": MODEL, "train": {"steps": steps, "global_batch": global_batch, "micro_batch": 2, "threads": 1},
               "checkpoint": {"interval": 10_000}, "eval": {"interval": 10_000, "batches": 1, "sample_tokens": 0},
               "log": {"interval": 1, "tensorboard": False}, "parallel": parallel}
-    out = work / label.replace(" ", "_").replace("=", "")
+    out = work / f"{label}-{global_batch}".replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
     config = out.with_suffix(".toml")
     config.write_text(tomli_w.dumps(tables))
     if procs == 1:
@@ -51,8 +72,19 @@ def run(label: str, procs: int, parallel: dict, steps: int, work: Path) -> float
     if result.returncode:
         raise SystemExit(f"{label} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 3]
-    return statistics.median(speeds)
+    return statistics.median(r[key] for r in records if key in r and r["step"] > 3)
+
+
+def bubble(label: str, parallel: dict, steps: int, work: Path) -> dict:
+    """Measured and planned idle time of one pipeline step with 4 micro-batches (module docstring)."""
+    m = 4
+    once, twice = (run(label, 2, parallel, steps, work, global_batch=2 * n, key="step_time_s") for n in (m, 2 * m))
+    per_micro = (twice - once) / m
+    layout = Layout(pp=parallel["pp"], vpp=parallel.get("vpp", 1), pp_schedule=parallel.get("pp_schedule", "1f1b"),
+                    mbs=2, gbs=2 * m)
+    planned = pipeline_bubble(layout, per_micro, per_micro / 3, per_micro / 3)
+    return {"schedule": label, "step_s": once, "micro_batch_s": per_micro, "bubble_s": 2 * once - twice,
+            "planned_bubble_s": planned}
 
 
 def main() -> None:
@@ -62,9 +94,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [(label, procs, run(label, procs, parallel, args.steps, Path(tmp))) for label, procs, parallel in RUNS]
+        bubbles = [bubble(label, parallel, args.steps, Path(tmp)) for label, parallel in SCHEDULES]
     base = results[0][2]
     if args.json:
-        print(json.dumps([{"layout": l, "processes": p, "tokens_per_s": t, "ratio": t / base} for l, p, t in results], indent=1))
+        print(json.dumps({"layouts": [{"layout": l, "processes": p, "tokens_per_s": t, "ratio": t / base}
+                                      for l, p, t in results], "bubbles": bubbles}, indent=1))
         return
     print(f"command: python {' '.join(sys.argv)}")
     print(f"model {MODEL['name']}: {MODEL['n_layers']} layers, d {MODEL['d_model']}, {MODEL['n_experts']} experts top-2, "
@@ -72,6 +106,11 @@ def main() -> None:
     print(f"{'layout':<30} {'procs':>5} {'tokens/s':>10} {'vs 1 process':>13}")
     for label, procs, speed in results:
         print(f"{label:<30} {procs:>5} {speed:>10,.0f} {speed / base:>12.2f}x")
+    print("\npipeline bubble, 2 processes, 4 micro-batches of 2 (b = 2 T(4) - T(8)):")
+    print(f"{'schedule':<30} {'step s':>8} {'per micro s':>12} {'bubble s':>9} {'share':>6} {'planner s':>10} {'share':>6}")
+    for b in bubbles:
+        print(f"{b['schedule']:<30} {b['step_s']:>8.3f} {b['micro_batch_s']:>12.3f} {b['bubble_s']:>9.3f} "
+              f"{b['bubble_s'] / b['step_s']:>6.0%} {b['planned_bubble_s']:>10.3f} {b['planned_bubble_s'] / b['step_s']:>6.0%}")
 
 
 if __name__ == "__main__":

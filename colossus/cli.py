@@ -126,7 +126,9 @@ examples:
   recompute                    none, selective (the attention core) or full (whole blocks)
   recompute_every              recompute every k-th block only
   precision                    bf16 or fp8 (fp32 on a measured machine, local-N)
-  pp_schedule                  1f1b or interleaved-1f1b
+  pp_schedule                  1f1b, interleaved-1f1b (vpp >= 2) or zbv (zero bubble, vpp = 2)
+  pp_layers                    blocks per pipeline stage, first to last, e.g. 3/3/2 (default: balanced,
+                               the embedding and the output counting as a block each)
 A model file is a [model] table with the trainer's keys (or a preset = "..." key); a cluster file is a
 [cluster] table with gpu, n_gpus, gpus_per_node, nic_gbps (per GPU)."""
 

@@ -88,7 +88,8 @@ class ParallelConfig:
     cp: int = 1  # context-parallel ranks: each sequence split over them
     pp: int = 1  # pipeline stages
     vpp: int = 1  # virtual stages per pipeline rank (interleaved schedules)
-    pp_schedule: str = "1f1b"  # 1f1b, interleaved-1f1b or zbv
+    pp_schedule: str = "1f1b"  # 1f1b, interleaved-1f1b (vpp >= 2) or zbv (zero bubble, vpp = 2)
+    pp_layers: list[int] = field(default_factory=list)  # blocks per stage, first to last; [] = balanced
     zero: int = 3  # ZeRO stage over the shard ranks: 3 weights too (FSDP resharding after forward), 1-2 no, 0 nothing
     recompute: str = "none"  # activation recomputation: none, selective (the attention core) or full (whole blocks)
     recompute_every: int = 1  # recompute only every k-th block (1 = all)
@@ -156,6 +157,12 @@ def _printable(text: str) -> str:
 
 def _coerce(where: str, value: Any, kind: type) -> Any:
     """Check one value against its declared type; ints are accepted where floats are expected."""
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list):
+            raise UserError(f"config key {where} must be a list of {_KIND_NAMES[item].removeprefix('an ').removeprefix('a ')}s, "
+                            f"e.g. [3, 3, 2], got {value!r}")
+        return [_coerce(f"{where}[{index}]", v, item) for index, v in enumerate(value)]
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -314,7 +321,8 @@ def validate(config: RunConfig) -> None:
     p = config.parallel
     if p.dp_shard == 0 or p.dp_shard < -1:
         raise UserError(f"parallel.dp_shard must be -1 (the rest of the world size) or positive, got {p.dp_shard}")
-    for key in ("dp_replicate", "tp", "ep", "cp", "pp", "vpp", "zero", "recompute", "recompute_every", "pp_schedule"):
+    for key in ("dp_replicate", "tp", "ep", "cp", "pp", "vpp", "zero", "recompute", "recompute_every", "pp_schedule",
+                "pp_layers"):
         check_value(key, getattr(p, key), f"parallel.{key}")
     if t.precision != "auto":
         check_value("precision", t.precision, "train.precision")
@@ -363,7 +371,7 @@ def layout_from_config(config: RunConfig, world_size: int, device_type: str = "c
     return Layout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, dp_replicate=dp_replicate, dp_shard=dp_shard,
                   zero=p.zero, mbs=min(t.micro_batch, max(share, 1)), gbs=t.global_batch, recompute=p.recompute,
                   recompute_every=p.recompute_every, precision=resolve_precision(t.precision, device_type),
-                  pp_schedule=p.pp_schedule)
+                  pp_schedule=p.pp_schedule, pp_layers=tuple(p.pp_layers))
 
 
 def layout_tables(layout: Layout) -> dict[str, dict[str, Any]]:
@@ -371,5 +379,7 @@ def layout_tables(layout: Layout) -> dict[str, dict[str, Any]]:
     table and the batch and precision keys of [train]. The one translation from a plan to a run."""
     parallel = {name: getattr(layout, name) for name in (
         "dp_replicate", "dp_shard", "tp", "ep", "cp", "pp", "vpp", "pp_schedule", "zero", "recompute", "recompute_every")}
+    if layout.pp_layers:
+        parallel["pp_layers"] = list(layout.pp_layers)
     return {"parallel": parallel,
             "train": {"global_batch": layout.gbs, "micro_batch": layout.mbs, "precision": layout.precision}}

@@ -201,3 +201,36 @@ def test_failed_write_raises_and_leaves_earlier_checkpoints(tmp_path: Path, asyn
     checkpointer.save(3, big)  # storage is back: saving works again
     checkpointer.finish()
     assert verify(tmp_path / "ckpt" / "step-3") is None
+
+
+def test_a_checkpoint_from_before_pipeline_parallelism_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints kept the optimizer's param groups as a list until pipeline stages needed them keyed by
+    parameter name; a run resumes either, and saves the new format."""
+    from colossus.models.grok import build_model
+    from colossus.modelconfig import ModelConfig
+    from colossus.train.trainer import LIST_OPTIONS, TrainingState
+
+    def training_state(seed: int, **options) -> TrainingState:
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=32,
+                                        n_experts=2, top_k=1, vocab_size=64, seq_len=16), seed=seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(torch.randint(0, 64, (2, 16))).logits.float().square().mean().backward()
+        optimizer.step()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+        return TrainingState(model, optimizer, scheduler, Counter(seed), **options)
+
+    old = training_state(1, options=LIST_OPTIONS)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=3)
+    checkpointer.save(1, {"train": old})
+    resumed = training_state(2)
+    assert checkpointer.load_latest({"train": resumed}) == 1
+    for (name, saved), loaded in zip(old.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(saved, loaded), name
+        assert torch.equal(old.optimizer.state[saved]["exp_avg"], resumed.optimizer.state[loaded]["exp_avg"]), name
+    assert resumed.loader.value == 1
+    checkpointer.save(2, {"train": resumed})  # and what it saves is the new, flattened format
+    assert checkpointer.load_latest({"train": training_state(3)}) == 2
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(tmp_path / "ckpt" / "step-2")).read_metadata().state_dict_metadata
+    assert not any(key.endswith("param_groups.0.lr") for key in keys)

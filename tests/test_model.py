@@ -255,8 +255,8 @@ def test_reference_model_matches_fused_model():
         loss = loss_of(model, tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         losses.append(loss.detach())
-        grads.append(model.layers[0].attention.wq.weight.grad)
-    assert model.layers[0].attention.core.fused is False
+        grads.append(model.layers["0"].attention.wq.weight.grad)
+    assert model.layers["0"].attention.core.fused is False
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert grads[0].abs().amax() > 0
@@ -287,11 +287,11 @@ def test_flex_softcapped_attention_runs_and_is_counted_under_the_flop_counter():
     from colossus.models.grok import AttentionCore, flex_softcapped_attention
 
     class FlexOnThisCPU(AttentionCore):  # the kernel a GPU picks, here in its eager (uncompiled) form
-        def kernel_for(self, q):
+        def kernel_for(self, q, k=None):
             return "flex"
 
-        def attend(self, kernel, q, k, v):
-            return flex_softcapped_attention(q, k, v, self.softcap, compiled=False)
+        def attend(self, kernel, q, k, v, positions=None):
+            return flex_softcapped_attention(q, k, v, self.softcap, compiled=False, positions=positions)
 
     core = FlexOnThisCPU(cfg(attn_softcap=30.0, seq_len=256))
     g = torch.Generator().manual_seed(12)
@@ -347,7 +347,7 @@ def test_attention_module_softcap_zero_uses_equivalent_sdpa():
     capped = Attention(cfg(attn_softcap=1e6))
     capped.load_state_dict(sdpa_attn.state_dict())
     x = torch.randn(2, 12, 32)
-    cos, sin = rope_tables(12, 8, 10000.0, torch.device("cpu"))
+    cos, sin = rope_tables(torch.arange(12), 8, 10000.0)
     torch.testing.assert_close(sdpa_attn(x, cos, sin), capped(x, cos, sin), rtol=1e-5, atol=1e-6)
 
 
@@ -355,7 +355,7 @@ def test_attention_module_softcap_zero_uses_equivalent_sdpa():
 
 
 def rope_at_all_positions(vec: torch.Tensor, seq: int, base: float = 10000.0) -> torch.Tensor:
-    cos, sin = rope_tables(seq, vec.numel(), base, torch.device("cpu"))
+    cos, sin = rope_tables(torch.arange(seq), vec.numel(), base)
     return apply_rope(vec.expand(1, 1, seq, -1).clone(), cos, sin)[0, 0]
 
 
@@ -375,7 +375,7 @@ def test_rope_dot_product_depends_only_on_position_difference():
 def test_rope_preserves_norm_and_is_identity_at_position_zero():
     """Rotation keeps every vector's length; position 0 is not rotated."""
     x = torch.randn(2, 3, 32, 16)
-    cos, sin = rope_tables(32, 16, 10000.0, torch.device("cpu"))
+    cos, sin = rope_tables(torch.arange(32), 16, 10000.0)
     rotated = apply_rope(x, cos, sin)
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rotated[:, :, 0], x[:, :, 0])
@@ -385,7 +385,7 @@ def test_rope_matches_pairwise_rotation_reference():
     """Dimension i is paired with i + head_dim/2 and rotated by angle pos * base^(-2i/head_dim)."""
     dim, seq, base = 8, 6, 100.0
     x = torch.randn(1, 1, seq, dim, dtype=torch.float64).float()
-    cos, sin = rope_tables(seq, dim, base, torch.device("cpu"))
+    cos, sin = rope_tables(torch.arange(seq), dim, base)
     ours = apply_rope(x, cos, sin)[0, 0]
     half = dim // 2
     ref = torch.zeros(seq, dim)
@@ -461,7 +461,7 @@ def test_embedding_multiplier_scales_the_input_of_the_first_block():
         def capture(module, args):
             seen["x"] = args[0]
 
-        model.layers[0].register_forward_pre_hook(capture)
+        model.layers["0"].register_forward_pre_hook(capture)
         tokens = tokens_for(model.cfg)
         model(tokens)
         torch.testing.assert_close(seen["x"], model.embedding.weight[tokens] * mult)
@@ -520,7 +520,7 @@ def test_sandwich_and_pre_norm_counts():
     for norm, per_block in (("sandwich", 4), ("pre", 2)):
         model = build_model(cfg(norm=norm, n_layers=3), "meta")
         assert count_norms(model) == 3 * per_block + 1
-        assert all(count_norms(block) == per_block for block in model.layers)
+        assert all(count_norms(block) == per_block for block in model.layers.values())
 
 
 def test_sandwich_block_normalises_each_residual_update():
@@ -528,7 +528,7 @@ def test_sandwich_block_normalises_each_residual_update():
     per token (unit norm scales); a pre-norm block adds the raw attention output instead."""
     torch.manual_seed(0)
     x = torch.randn(2, 10, 32)
-    cos, sin = rope_tables(10, 8, 10000.0, torch.device("cpu"))
+    cos, sin = rope_tables(torch.arange(10), 8, 10000.0)
     for norm in ("sandwich", "pre"):
         c = cfg(norm=norm, n_experts=1, top_k=1, norm_eps=1e-12)  # eps negligible next to tiny updates
         block = Block(c)
@@ -876,7 +876,7 @@ def test_compiled_blocks_match_eager_blocks():
     eager.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    for block in model.layers:
+    for block in model.layers.values():
         block.compile()
     compiled = loss_of(model, x, y)
     compiled.backward()
@@ -910,8 +910,8 @@ def test_init_statistics():
             assert torch.equal(p, torch.ones_like(p)), name
     assert model.embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.embedding.weight.mean().abs().item() < 1e-3
-    assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(0.01, rel=0.1)
-    assert model.layers[1].ffn.experts.w_out.std().item() == pytest.approx(0.01, rel=0.05)
-    assert model.layers[1].ffn.experts.w_in.std().item() == pytest.approx(0.02, rel=0.05)
-    assert model.layers[1].ffn.router.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert model.layers["0"].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.layers["0"].attention.wo.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert model.layers["1"].ffn.experts.w_out.std().item() == pytest.approx(0.01, rel=0.05)
+    assert model.layers["1"].ffn.experts.w_in.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers["1"].ffn.router.weight.std().item() == pytest.approx(0.02, rel=0.15)

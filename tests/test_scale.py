@@ -36,15 +36,15 @@ def test_initial_values_depend_only_on_seed_name_and_index() -> None:
     name gives other values; the statistics are the init's (norms 1, others N(0, 0.02), output
     projections scaled by 1/sqrt(2 n_layers))."""
     model = build_model(config_from_dict({"model": {"preset": "tiny"}}).model, seed=3)
-    whole = model.layers[1].ffn.experts.w_in.detach()
+    whole = model.layers["1"].ffn.experts.w_in.detach()
     index = torch.arange(whole.numel()).view(whole.shape)[2:5, 10:20, 7:9]
     block = model.initial_values("layers.1.ffn.experts.w_in", index, seed=3)
     assert torch.equal(block, whole[2:5, 10:20, 7:9])
     assert not torch.equal(model.initial_values("layers.1.ffn.experts.w_in", index, seed=4), block)
     assert not torch.equal(model.initial_values("layers.2.ffn.experts.w_in", index, seed=3), block)
     assert whole.std().item() == pytest.approx(0.02, rel=0.02) and abs(whole.mean().item()) < 1e-3
-    assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
-    assert torch.equal(model.layers[0].attention_norm.weight, torch.ones(256))
+    assert model.layers["0"].attention.wo.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert torch.equal(model.layers["0"].attention_norm.weight, torch.ones(256))
 
 
 def test_a_model_built_on_meta_is_materialised_as_one_process_builds_it() -> None:

@@ -124,7 +124,7 @@ def check_structure(model: torch.nn.Module, sp: bool, vp: bool) -> list[str]:
         if got != (placement,):
             problems.append(f"{name}: {got}, expected {placement}")
 
-    for i, layer in enumerate(model.layers):
+    for i, layer in model.layers.items():
         for w, placement in (("wq", Shard(0)), ("wk", Shard(0)), ("wv", Shard(0)), ("wo", Shard(1))):
             expect(f"layers.{i}.attention.{w}.weight", placement)
         if isinstance(layer.ffn, MoE):
@@ -146,11 +146,11 @@ def parallel(cfg: ModelConfig, layout: Layout, mesh, sp: bool, vp: bool, fsdp: b
     apply_tensor_parallel(model, mesh.tp, sequence_parallel=sp, vocab_parallel=vp)
     problems = check_structure(model, sp, vp)
     seen_seq = []
-    model.layers[1].register_forward_pre_hook(lambda m, args: seen_seq.append(args[0].shape[1]))
+    model.layers["1"].register_forward_pre_hook(lambda m, args: seen_seq.append(args[0].shape[1]))
     if extra.ac:
         apply_recompute(model, "full")
     if extra.compile:
-        for layer in model.layers:
+        for layer in model.layers.values():
             layer.compile()
     if fsdp:
         apply_fsdp(model, layout, mesh, torch.device("cpu"))

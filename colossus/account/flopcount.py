@@ -50,11 +50,13 @@ def _flex_beside_counter(model: torch.nn.Module | None) -> Iterator[None]:
 
     cores = [m for m in (model.modules() if model is not None else ()) if isinstance(m, AttentionCore)]
 
-    def forward(core: AttentionCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kernel = core.kernel_for(q)
+    def forward(core: AttentionCore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None) -> torch.Tensor:
+        kernel = core.kernel_for(q, k)
+        positions = None if q_positions is None else (q_positions, q_positions if k_positions is None else k_positions)
         if kernel != "flex":
-            return core.attend(kernel, q, k, v)
-        return attention_outside_dispatch_modes(functools.partial(core.attend, "flex"), q, k, v)
+            return core.attend(kernel, q, k, v, positions)
+        return attention_outside_dispatch_modes(functools.partial(core.attend, "flex", positions=positions), q, k, v)
 
     for core in cores:
         core.forward = types.MethodType(forward, core)

@@ -36,12 +36,13 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).type_as(x)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin of position * base^(-2i/head_dim), [seq_len, head_dim], in the rotate-half
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin of position * base^(-2i/head_dim), [len(positions), head_dim], in the rotate-half
     layout (the two halves of the head dim form the rotated pairs, as in Grok-1 and Llama). The sin
-    table's first half is negated so that apply_rope needs no negation of its own."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    table's first half is negated so that apply_rope needs no negation of its own. `positions` are the
+    tokens' places in their sequence: 0, 1, ... for a whole one, others for a part of one."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
@@ -65,25 +66,33 @@ class AttentionCore(nn.Module):
         self.train_len = cfg.seq_len
         self.fused = fused  # scaled_dot_product_attention where the soft-cap allows; False: the math reference
 
-    def kernel_for(self, q: torch.Tensor) -> str:
-        """"sdpa" (no soft-cap: fused), "flex" (soft-capped on a GPU at the training length: one
+    def kernel_for(self, q: torch.Tensor, k: torch.Tensor | None = None) -> str:
+        """"sdpa" (no soft-cap: fused), "flex" (soft-capped on a GPU, keys of the training length: one
         FlexAttention kernel) or "math" (written out: the reference, the cap on a CPU, where
         FlexAttention has no backward, and generate()'s shorter contexts)."""
         if self.fused and self.softcap == 0:
             return "sdpa"
-        if self.fused and q.is_cuda and q.shape[-2] == self.train_len:
+        if self.fused and q.is_cuda and (k if k is not None else q).shape[-2] == self.train_len:
             return "flex"
         return "math"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.attend(self.kernel_for(q), q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None = None,
+                k_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the queries to the keys at their own position and before: the positions are
+        those of q's and k's tokens in their sequence (None: q and k are one whole sequence)."""
+        positions = None if q_positions is None else (q_positions, k_positions if k_positions is not None else q_positions)
+        return self.attend(self.kernel_for(q, k), q, k, v, positions)
 
-    def attend(self, kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if kernel == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if positions is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            visible = positions[1].view(1, -1) <= positions[0].view(-1, 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
         if kernel == "flex":
-            return flex_softcapped_attention(q, k, v, self.softcap)
-        return math_attention(q, k, v, self.softcap)
+            return flex_softcapped_attention(q, k, v, self.softcap, positions=positions)
+        return math_attention(q, k, v, self.softcap, positions)
 
 
 class Attention(nn.Module):
@@ -98,7 +107,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         batch, seq, _ = x.shape
         # Head counts come from the weights, so a tensor-parallel shard (fewer local heads) runs as is.
@@ -106,45 +116,58 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v)
+        out = self.core(q, k, v) if positions is None else self.core(q, k, v, positions)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float = 0.0,
+                   positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention written out: fp32 logits / sqrt(head_dim), soft-capped to c*tanh(x/c) when
     softcap = c > 0 (Grok-1's core), masked, softmaxed, applied to v. It is the core wherever the
     soft-cap is on and, with softcap = 0, the plain reference that scaled_dot_product_attention is
     measured against (bench/throughput.py). Scales are applied to q, the small operand, rather than
-    to the seq x seq logits."""
-    batch, heads, seq, head_dim = q.shape
-    kv_heads = k.shape[1]
+    to the seq x seq logits. `positions` (of the queries, of the keys) place a part of a sequence in
+    it: a query sees the keys at its own position and before (default: q and k are the same whole
+    sequence)."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
     # Group the query heads that share a key/value head, so k and v are broadcast, not copied.
-    q = q.float().reshape(batch, kv_heads, heads // kv_heads * seq, head_dim)
+    q = q.float().reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim)
     # The causal mask as an added bias (0, or -inf above the diagonal): one pass over the seq x seq
     # logits that also applies the cap's factor, where masked_fill would copy them and fill them.
-    bias = torch.full((seq, seq), float("-inf"), device=q.device).triu(1)
+    if positions is None:
+        bias = torch.full((q_len, k_len), float("-inf"), device=q.device).triu(1)
+    else:
+        q_positions, k_positions = positions
+        bias = torch.zeros((q_len, k_len), device=q.device).masked_fill_(
+            k_positions.view(1, -1) > q_positions.view(-1, 1), float("-inf"))
     with torch.autocast(q.device.type, enabled=False):  # autocast would compute these logits in bf16
         if softcap > 0:
             scores = (q / (math.sqrt(head_dim) * softcap)) @ k.float().transpose(-2, -1)
             # bias + c * tanh(s): the same products as masking c * tanh(s); tanh in place (a fresh matmul output)
-            logits = torch.add(bias, scores.tanh_().view(batch, kv_heads, -1, seq, seq), alpha=softcap)
+            logits = torch.add(bias, scores.tanh_().view(batch, kv_heads, -1, q_len, k_len), alpha=softcap)
         else:
-            logits = bias + ((q / math.sqrt(head_dim)) @ k.float().transpose(-2, -1)).view(batch, kv_heads, -1, seq, seq)
-        probs = logits.softmax(dim=-1).view(batch, kv_heads, -1, seq).to(v.dtype)
-    return (probs @ v).view(batch, heads, seq, head_dim)
+            logits = bias + ((q / math.sqrt(head_dim)) @ k.float().transpose(-2, -1)).view(batch, kv_heads, -1, q_len, k_len)
+        probs = logits.softmax(dim=-1).view(batch, kv_heads, -1, k_len).to(v.dtype)
+    return (probs @ v).view(batch, heads, q_len, head_dim)
 
 
 def flex_softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float,
-                              compiled: bool = True) -> torch.Tensor:
+                              compiled: bool = True, positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """math_attention's soft-capped causal attention as one fused kernel (FlexAttention, compiled:
     Triton on a GPU): the cap is a score_mod applied to the kernel's fp32 scores, masked blocks are
     skipped, and nothing seq x seq is stored (written out, Grok-1's 8,192-token context would need
-    ~13 GB of logits per sequence and layer). Training needs a GPU: FlexAttention has no CPU backward."""
+    ~13 GB of logits per sequence and layer). Training needs a GPU: FlexAttention has no CPU backward.
+    `positions` as in math_attention (a query sees the keys at or before its own position)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex_attention() if compiled else flex_attention
-    return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)),
-                  block_mask=_causal_block_mask(q.shape[-2], str(q.device)), enable_gqa=k.shape[1] != q.shape[1])
+    if positions is None:
+        mask = _causal_block_mask(q.shape[-2], str(q.device))
+    else:
+        mask = _positions_block_mask(*positions)
+    return attend(q, k, v, score_mod=_softcap_score_mod(float(softcap)), block_mask=mask,
+                  enable_gqa=k.shape[1] != q.shape[1])
 
 
 @functools.cache
@@ -162,6 +185,23 @@ def _softcap_score_mod(softcap: float):
         return softcap * torch.tanh(score / softcap)
 
     return cap
+
+
+_POSITION_MASKS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, object]] = {}
+
+
+@torch.compiler.disable
+def _positions_block_mask(q_positions: torch.Tensor, k_positions: torch.Tensor):
+    """The block mask of `positions` (built once per pair of position tensors: their owners reuse them
+    every step, and the cache keeps them, so an id is never reused for other positions)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (id(q_positions), id(k_positions))
+    if key not in _POSITION_MASKS:
+        mask = create_block_mask(lambda batch, head, q_index, kv_index: q_positions[q_index] >= k_positions[kv_index],
+                                 None, None, len(q_positions), len(k_positions), device=str(q_positions.device))
+        _POSITION_MASKS[key] = (q_positions, k_positions, mask)
+    return _POSITION_MASKS[key][2]
 
 
 @torch.compiler.disable  # built once per length and device, also when the block around it is compiled
@@ -203,8 +243,10 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe else FeedForward(cfg)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if sandwich else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
-        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        attended = self.attention(self.attention_norm(x), cos, sin, **({} if positions is None else {"positions": positions}))
+        h = x + self.post_attention_norm(attended)
         ffn_out = self.ffn(self.ffn_norm(h))
         stats = None
         if isinstance(ffn_out, tuple):
@@ -230,11 +272,15 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    """Embedding, blocks, final norm and output projection. The blocks are keyed by their index, so
+    that a pipeline stage, which is this model with the other stages' parts removed, keeps every
+    parameter's name (and checkpoints stay the same whatever the stages)."""
+
     def __init__(self, cfg: ModelConfig, fused_attention: bool = True):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, fused_attention) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleDict({str(index): Block(cfg, fused_attention) for index in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         counted = sum(p.numel() for p in self.parameters())
@@ -267,20 +313,35 @@ class Transformer(nn.Module):
             if name.endswith("router_bias"):
                 buffer.zero_()
 
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
-        cfg = self.cfg
-        seq = tokens.shape[1]
-        cos, sin = rope_tables(seq, cfg.head_dim, cfg.rope_base, tokens.device)
-        h = scaled(self.embedding(tokens), cfg.embedding_multiplier)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> ModelOutput:
+        """Logits and router statistics for [batch, seq] tokens; `positions` are their places in their
+        sequences (default 0, 1, ...; a part of a sequence has others)."""
+        h, stats = self.blocks(self.embed(tokens), tokens.shape[1] if positions is None else positions)
+        return self.head(h, stats)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return scaled(self.embedding(tokens), self.cfg.embedding_multiplier)
+
+    def blocks(self, h: torch.Tensor, positions: torch.Tensor | int,
+               keys: list[str] | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
+        """The blocks named by `keys` (default: all, in order) over the residual stream h. `positions`:
+        the tokens' places in their sequence, or the length of one whole sequence (0, 1, ..., with the
+        plain causal mask; h itself may hold a part of it, split by sequence parallelism)."""
+        whole = isinstance(positions, int)
+        places = torch.arange(positions, device=h.device) if whole else positions
+        cos, sin = rope_tables(places, self.cfg.head_dim, self.cfg.rope_base)
+        given = {} if whole else {"positions": positions}
         stats = []
-        for layer in self.layers:
-            h, layer_stats = layer(h, cos, sin)
+        for key in keys if keys is not None else self.layers:
+            h, layer_stats = self.layers[key](h, cos, sin, **given)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        h = self.norm(h)
-        weight = self.embedding.weight if self.output is None else self.output.weight
-        logits = scaled(F.linear(h, weight), cfg.output_multiplier)
+        return h, stats
 
+    def head(self, h: torch.Tensor, stats: list[RouterStats]) -> ModelOutput:
+        """Final norm and output projection (the tied embedding, or an output weight of its own)."""
+        weight = self.embedding.weight if self.output is None else self.output.weight
+        logits = scaled(F.linear(self.norm(h), weight), self.cfg.output_multiplier)
         if not stats:
             return ModelOutput(logits, None, None, None)
         return ModelOutput(logits, torch.stack([s.mean_probs for s in stats]), torch.stack([s.slots for s in stats]),
@@ -290,18 +351,28 @@ class Transformer(nn.Module):
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
                  top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample continuations of [batch, seq] prompts (recomputes the context each step: small models only)."""
-        for _ in range(max_new_tokens):
-            context = tokens[:, -self.cfg.seq_len:]
+        def next_logits(context: torch.Tensor) -> torch.Tensor:
             logits = self(context).logits
             if hasattr(logits, "full_tensor"):  # a tensor-parallel model's logits are sharded on the vocabulary
                 logits = logits.full_tensor()
-            logits = logits[:, -1, :].float() / max(temperature, 1e-5)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-            tokens = torch.cat([tokens, next_token], dim=1)
-        return tokens
+            return logits[:, -1, :]
+
+        return sample(next_logits, tokens, max_new_tokens, self.cfg.seq_len, temperature, top_k, generator)
+
+
+@torch.no_grad()
+def sample(next_logits, tokens: torch.Tensor, max_new_tokens: int, context_len: int, temperature: float = 0.8,
+           top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Extend [batch, seq] tokens by sampling from `next_logits(context)` ([batch, vocab] for the
+    position after the context, the last `context_len` tokens) at `temperature`, among the top_k."""
+    for _ in range(max_new_tokens):
+        logits = next_logits(tokens[:, -context_len:]).float() / max(temperature, 1e-5)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0,

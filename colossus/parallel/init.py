@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from colossus.models.grok import Transformer
+from colossus.parallel.pipeline import saved_name
 
 # Module names that wrappers insert into parameter names (activation checkpointing, torch.compile).
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -56,4 +57,6 @@ def materialize(model: Transformer, device: torch.device, seed: int) -> None:
         local = param.to_local() if isinstance(param, DTensor) else param
         if local.numel() == 0:  # a rank that holds none of an unevenly sharded parameter
             continue
-        local.copy_(model.initial_values(canonical_name(name), global_index(param), seed).to(local.dtype))
+        # A pipeline's last stage initialises its copy of a tied embedding as the embedding.
+        name = saved_name(model, canonical_name(name))
+        local.copy_(model.initial_values(name, global_index(param), seed).to(local.dtype))

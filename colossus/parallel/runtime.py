@@ -15,6 +15,7 @@ import torch.distributed as dist
 from colossus.config import RunConfig, layout_from_config
 from colossus.errors import UserError
 from colossus.layout import Layout, check_fits
+from colossus.parallel.context import split_sequences
 from colossus.parallel.mesh import Meshes, build_mesh
 from colossus.parallel.parallelize import missing_features
 
@@ -34,21 +35,34 @@ class Runtime:
     def dp_rank(self) -> int:
         return self.mesh.dp.get_local_rank() if self.mesh is not None else 0
 
-    def dp_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Mean of a per-rank value over the data-parallel ranks (gloo has no AVG: sum, then divide)."""
-        if self.mesh is None or self.layout.dp == 1:
-            return tensor
-        total = tensor.detach().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp.get_group())
-        return total / self.layout.dp
+    def batch_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-rank value over the ranks that hold different tokens of the batch: data-parallel
+        ranks and context-parallel ones (gloo has no AVG: sum, then divide)."""
+        return self.batch_sum(tensor) / (self.layout.dp * self.layout.cp)
 
-    def dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of a per-rank tensor over the data-parallel ranks (on every one of them)."""
-        if self.mesh is None or self.layout.dp == 1:
+    def batch_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-rank tensor over the ranks that hold different tokens of the batch (on every one)."""
+        if self.mesh is None or self.layout.dp * self.layout.cp == 1:
             return tensor
         total = tensor.detach().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp.get_group())
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.tokens.get_group())
         return total
+
+    def sequence_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-rank tensor over the context-parallel ranks, which hold parts of the same sequences."""
+        if self.layout.cp == 1:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.cp.get_group())
+        return total
+
+    def split_sequences(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor | None]:
+        """This rank's part of each sequence under context parallelism, with its positions (None: whole)."""
+        if self.layout.cp == 1:
+            return tokens, targets, None
+        return split_sequences(tokens.to(self.device), targets.to(self.device), self.layout.cp,
+                               self.mesh.cp.get_local_rank())
 
     def sum_over_ranks(self, value: float) -> float:
         """A host number summed over every rank (the world's total of a per-rank count)."""
@@ -97,6 +111,10 @@ def resolve_layout(config: RunConfig, world_size: int, device_type: str) -> Layo
             f"{'was' if world_size == 1 else 'were'} launched; launch {layout.world_size:,} (torchrun --nproc-per-node "
             f"x --nnodes) or change [parallel] (parallel.dp_shard=-1 takes the rest){lacks}")
     check_fits(layout, config.model)
+    if layout.pp_schedule == "zbv" and layout.pp > 1 and config.train.compile:
+        raise UserError("train.compile cannot run parallel.pp_schedule=zbv: the zero-bubble schedule splits each "
+                        "backward into input and weight gradients, which compiled blocks do not; set "
+                        "train.compile=false or pp_schedule=interleaved-1f1b")
     if missing:
         raise UserError(f"the trainer cannot run {' nor '.join(missing)} yet; plan it with `colossus plan`, or "
                         "choose a layout without it")

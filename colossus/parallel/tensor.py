@@ -147,7 +147,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
             raise ValueError(f"tensor parallelism over {tp} ranks needs {tp} to divide model.{key}={getattr(cfg, key)}")
     local = dict(use_local_output=True)
 
-    for layer in model.layers:
+    for layer in model.layers.values():
         plan: dict[str, object] = {
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
@@ -177,29 +177,31 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
                     output_layouts=(Replicate(), None), desired_output_layouts=(SEQ, None), **local))
             shard_experts(layer.ffn.experts, tp_mesh, shard_expert_weights)
 
+    # A pipeline stage (parallel/pipeline.py) may hold neither the embedding nor the final norm and output.
     if vocab_parallel:
         # The embedding table [vocab, d] split on the vocabulary: each rank looks up the tokens in its
         # range, zeros elsewhere, and the partial sums are reduced (scattered on the sequence under SP).
-        parallelize_module(model.embedding, tp_mesh, _local_split(RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=SEQ if sequence_parallel else Replicate(), **local)))
+        if model.embedding is not None:
+            parallelize_module(model.embedding, tp_mesh, _local_split(RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=SEQ if sequence_parallel else Replicate(), **local)))
         if model.output is not None:
             # An untied output projection is used as a weight (F.linear), not called: shard it by hand.
             model.output.weight = nn.Parameter(distribute_tensor(model.output.weight.data, tp_mesh, [Shard(0)],
                                                                  src_data_rank=None))
-    elif sequence_parallel:
+    elif sequence_parallel and model.embedding is not None:
         model.embedding.register_forward_hook(
             lambda m, args, out: DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False)
             .redistribute(placements=[SEQ]).to_local())
 
     # The final norm feeds the output projection F.linear(h, weight): with vocabulary parallelism h must
     # be a replicated DTensor (logits come out sharded on the vocabulary), without it a plain tensor.
-    if sequence_parallel:
+    if model.norm is not None and sequence_parallel:
         parallelize_module(model.norm, tp_mesh, SequenceParallel(use_local_output=False))
         if vocab_parallel:
             model.norm.register_forward_hook(lambda m, args, out: out.redistribute(placements=[Replicate()]))
         else:
             model.norm.register_forward_hook(lambda m, args, out: out.redistribute(placements=[Replicate()]).to_local())
-    elif vocab_parallel:
+    elif model.norm is not None and vocab_parallel:
         model.norm.register_forward_hook(
             lambda m, args, out: DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False))
 

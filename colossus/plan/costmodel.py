@@ -17,9 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from colossus import modelmath
-from colossus.errors import UserError
 from colossus.hardware import GPU, NIC_EFFICIENCY, NVLINK_EFFICIENCY, gemm_peak_efficiency
-from colossus.layout import Layout, expert_shard_dim
+from colossus.layout import Layout, distinct_shares, expert_shard_dim, rank_share
 from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
 
@@ -250,13 +249,17 @@ OPS_PER_MICRO_BATCH = 78  # dense 70, MoE 89 (the loss's load-balancing terms ar
 
 
 def stage_params(m: ModelConfig, layout: Layout) -> tuple[float, float]:
-    """(dense, expert) parameters held by one GPU of the first pipeline stage (the largest: it holds
-    the embedding, and with tied embeddings the last stage holds a copy of the same size)."""
-    layers = math.ceil(m.n_layers / layout.pp)  # uneven splits: the fullest stage
+    """(dense, expert) parameters held by one GPU of the pipeline rank that holds the most blocks (it
+    paces the pipeline), with the embedding (first stage) or the output projection (last stage) it
+    holds; with tied embeddings the last stage holds a copy of the embedding."""
+    shares = [share for _, share in distinct_shares(layout, m.n_layers)]
+    share = max(shares, key=lambda s: (s.blocks, s.embedding + s.head))
     experts = m.n_experts * modelmath.expert_params(m) if m.is_moe else 0
     dense_layer = modelmath.layer_params(m) - experts
-    dense = layers * dense_layer / layout.tp + modelmath.embedding_params(m) / layout.tp / (1 if layout.pp > 1 or not m.tie_embeddings else 1)
-    return dense, layers * experts / (layout.ep * layout.tp)
+    ends = (share.embedding + share.head) if layout.pp > 1 else (1 if m.tie_embeddings else 2)
+    vocabulary = m.vocab_size * m.d_model
+    dense = share.blocks * dense_layer / layout.tp + ends * vocabulary / layout.tp
+    return dense, share.blocks * experts / (layout.ep * layout.tp)
 
 
 # The unit size `colossus bench` times FSDP with: a 128 x 128 Linear layer in float32.
@@ -287,9 +290,9 @@ def _first_shard(shape: tuple[int, ...], dim: int, ranks: int) -> int:
     return min(rows, math.ceil(rows / ranks)) * math.prod(shape) // max(rows, 1)
 
 
-def state_bytes(m: ModelConfig, layout: Layout) -> dict[str, float]:
+def state_bytes(m: ModelConfig, layout: Layout, pp_rank: int = 0) -> dict[str, float]:
     """Bytes of training state on the rank that holds the most (the first of each sharded group: FSDP2
-    gives the first ranks the larger chunks) of the first pipeline stage, as the trainer keeps it
+    gives the first ranks the larger chunks) of pipeline rank `pp_rank`'s stages, as the trainer keeps it
     (modelmath.state_bytes_per_param): fp32 `params`, `gradients` and `optimizer` moments, each
     parameter split by tensor and expert parallelism (modelmath.parameter_shapes) and, under ZeRO 1-3,
     sharded by FSDP over the shard group (dense weights) or its ep-th part (experts, on their second
@@ -298,7 +301,12 @@ def state_bytes(m: ModelConfig, layout: Layout) -> dict[str, float]:
     matrix has fewer rows than ranks and the first rank's row is far above the average share.
     `colossus train --dry-run` builds the real sharded model and checks these figures."""
     block, rest = modelmath.parameter_shapes(m)
-    layers = math.ceil(m.n_layers / layout.pp)
+    share = rank_share(layout, m.n_layers, pp_rank)
+    layers = share.blocks
+    if layout.pp > 1:  # the embedding on the first stage, the final norm and output (or the tied copy) on the last
+        vocabulary = ("embedding.weight", (m.vocab_size, m.d_model), "colwise")
+        rest = ([vocabulary] if share.embedding else []) + (
+            [("norm.weight", (m.d_model,), "replicated"), vocabulary] if share.head else [])
     dense_ranks = layout.shard_group if layout.zero >= 1 else 1
     expert_ranks = max(dense_ranks // layout.ep, 1) if layout.zero >= 1 else 1
     sharded = whole = 0.0
@@ -321,15 +329,17 @@ def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Softwa
     it passes a layer, or (gradients freed each step) as it ends. `cache` memoises the training state
     across the layouts of one search (it depends only on the sharding)."""
     element_bytes = modelmath.ACTIVATION_ELEMENT_BYTES[layout.precision]
-    key = ("state", layout.tp, layout.ep, layout.pp, layout.zero, layout.shard_group, layout.precision)
+    key = ("state", layout.tp, layout.ep, layout.pp, layout.vpp, layout.pp_schedule, layout.pp_layers, layout.zero,
+           layout.shard_group, layout.precision)
     state = cache.get(key) if cache is not None else None
-    if state is None:
-        state = state_bytes(m, layout)
+    if state is None:  # the pipeline rank holding the most state (the first, the last or a full middle one)
+        state = max((state_bytes(m, layout, rank) for rank, _ in distinct_shares(layout, m.n_layers)),
+                    key=lambda s: s["params"] + s["copies"])
         if cache is not None:
             cache[key] = state
     weights, grads, optimizer = state["params"] + state["copies"], state["gradients"], state["optimizer"]
     tokens = layout.mbs * m.seq_len / layout.cp
-    layers = math.ceil(m.n_layers / layout.pp)
+    layers = max(share.blocks for _, share in distinct_shares(layout, m.n_layers))
     stored = lambda recompute: modelmath.activation_bytes_per_token(  # noqa: E731
         m, recompute, element_bytes, software.fused_elementwise, software.fused_attention) * tokens / layout.tp
     # 1F1B keeps pp micro-batches in flight on the first stage; interleaving adds (pp-1)/(pp*vpp)
@@ -368,6 +378,21 @@ def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Softwa
 # ------------------------------------------------------------------------------------ step time
 
 
+def pipeline_bubble(layout: Layout, micro: float, forward: float, weight_gradients: float) -> float:
+    """Idle time of a pipeline step, for a rank whose work per micro-batch takes `micro` seconds, of which
+    `forward` is its forward and `weight_gradients` the backward's weight-gradient GEMMs.
+    1F1B and interleaved 1F1B: (pp - 1) / vpp micro-batch slots (Narayanan et al. 2021, section 2.2.2).
+    ZB-V: each rank holds two half-size chunks and fills the bubble with weight-gradient passes W; with
+    T_F, T_B (input gradients, recomputation and the rest), T_W per chunk it idles
+    (pp - 1)(T_F + T_B - 2 T_W), zero when the three are equal (Qi et al. 2024, section 6)."""
+    if layout.pp == 1:
+        return 0.0
+    if layout.pp_schedule == "zbv":
+        rest = micro - forward - weight_gradients
+        return (layout.pp - 1) * max(0.0, (forward + rest - 2 * weight_gradients) / 2)
+    return (layout.pp - 1) / layout.vpp * micro
+
+
 def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | None = None,
             layer_costs: dict | None = None, software: Software = Software()) -> Prediction:
     """Step time, throughput, MFU and memory of one layout. `layer_costs` memoises the per-layer
@@ -379,9 +404,6 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
         layer = layer_cost(m, machine, *key, software)
         if layer_costs is not None:
             layer_costs[key] = layer
-    if layout.pp > 1 and layout.pp_schedule == "zbv":
-        raise UserError("the cost model has no zero-bubble (zbv) pipeline schedule yet; plan with pp_schedule=1f1b "
-                        "or interleaved-1f1b")
     attention_forward = layer.attention_core + layer.score_forward
     # Full recompute reruns the whole forward: its GEMMs and its element-wise third (fwd = 1 of 3 passes),
     # in the fraction of the blocks that recompute (parallel.recompute_every).
@@ -396,23 +418,28 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     tp_layer = layer.tp_comm * repeated
     ep_layer = layer.ep_comm * repeated
     cp_exposed = max(0.0, layer.cp_comm - 3 * layer.attention_core)  # overlapped with attention (ring attention)
+    forward_layer = layer.forward_gemm + attention_forward + layer.elementwise / 3
     if modelmath.routing_pass(m, layout.micro_batches):  # one more forward, without gradients (train/step.py)
-        compute_layer += layer.forward_gemm + attention_forward + layer.elementwise / 3
-    layers_per_stage = math.ceil(m.n_layers / layout.pp)  # the fullest stage paces the pipeline
-    stage = layers_per_stage * (compute_layer + tp_layer + ep_layer + cp_exposed)
-    # The last stage also computes the logits and the loss: its GEMM forward + backward.
+        compute_layer += forward_layer
     tokens_micro = layout.mbs * m.seq_len / layout.cp
-    stage += 3 * machine.gemm(tokens_micro, m.vocab_size / layout.tp, m.d_model, layout.precision)
+    # The last stage also computes the logits and the loss: its GEMM forward + backward.
+    logits = 3 * machine.gemm(tokens_micro, m.vocab_size / layout.tp, m.d_model, layout.precision)
     if profile is not None and getattr(profile, "autograd_op_s", 0) > 0:
-        stage += OPS_PER_MICRO_BATCH * profile.autograd_op_s  # embedding, final norm, loss: per-op costs
+        logits += OPS_PER_MICRO_BATCH * profile.autograd_op_s  # embedding, final norm, loss: per-op costs
+    # Each pipeline rank's work per micro-batch (its stages' blocks; the head on the last stage's rank):
+    # the slowest paces the pipeline (layout.stage_layers splits the blocks).
+    shares = [share for _, share in distinct_shares(layout, m.n_layers)]
+    per_layer = compute_layer + tp_layer + ep_layer + cp_exposed
+    rank_time = lambda share: share.blocks * per_layer + (logits if share.head else 0.0)  # noqa: E731
+    pacing = max(shares, key=rank_time)
+    stage, layers_per_stage = rank_time(pacing), pacing.blocks
     p2p = 0.0
     if layout.pp > 1:  # activations to the next stage forward and gradients back, per virtual stage
         element = 4 if profile is not None else 2
         p2p = 2 * layout.vpp * tokens_micro * m.d_model * element / layout.tp / machine.link_bytes_per_s(False)
     micro = stage + p2p
     n_micro = layout.micro_batches
-    # 1F1B with interleaving: (p - 1) / v micro-batch slots of bubble (Narayanan et al. 2021, section 2.2.2).
-    bubble = (layout.pp - 1) / layout.vpp * micro
+    bubble = pipeline_bubble(layout, micro, layers_per_stage * forward_layer, layers_per_stage * layer.forward_gemm)
     pipeline = n_micro * micro + bubble
 
     dense, expert = stage_params(m, layout)

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 from colossus.errors import UserError
-from colossus.layout import LAYOUT_KEYS, RECOMPUTE, TORCH_DTYPE_NAMES, Layout, check_fits, check_value, layout_from_keys
+from colossus.layout import (LAYOUT_KEYS, RECOMPUTE, TORCH_DTYPE_NAMES, Layout, check_fits, check_value,
+                             layout_from_keys, least_micro_batches)
 from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
 from colossus.plan.costmodel import Prediction, Software, predict
@@ -38,7 +39,12 @@ def parse_layout(text: str) -> dict[str, int | str]:
         key, value = key.strip(), value.strip()
         if not sep or key not in LAYOUT_KEYS:
             raise UserError(f"--layout {item!r}: expected K=V with K one of {', '.join(LAYOUT_KEYS)}")
-        if key not in _TEXT_KEYS:
+        if key == "pp_layers":  # blocks per stage, first to last: 7/8/8/7
+            try:
+                value = tuple(int(count) for count in value.split("/"))
+            except ValueError:
+                raise UserError(f"--layout pp_layers={value!r} must be block counts per stage, e.g. 3/3/2") from None
+        elif key not in _TEXT_KEYS:
             try:
                 value = int(value)
             except ValueError:
@@ -99,21 +105,19 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
                         for vpp in vpps:
                             if vpp > 1 and (pp == 1 or per_stage % vpp):
                                 continue
-                            # 1F1B needs at least pp micro-batches in flight, interleaving a multiple of pp
-                            # (Narayanan et al. 2021, section 2.2).
+                            schedule = fixed.get("pp_schedule", "interleaved-1f1b" if vpp > 1 else "1f1b")
+                            least, multiple = least_micro_batches(schedule, pp, vpp)
                             if "gbs" in fixed:
                                 gbs = fixed["gbs"]
                                 micro = gbs // unit
-                                if gbs % unit or micro < pp or (vpp > 1 and micro % pp):
+                                if gbs % unit or micro < least or micro % multiple:
                                     continue
                             else:
-                                micro = max(pp, math.ceil(batch_tokens / m.seq_len / unit))
-                                if vpp > 1:
-                                    micro = math.ceil(micro / pp) * pp
+                                micro = max(least, math.ceil(batch_tokens / m.seq_len / unit))
+                                micro = math.ceil(micro / multiple) * multiple
                                 gbs = unit * micro
-                                if gbs * m.seq_len > max_batch_tokens and micro == max(pp, 1):
+                                if gbs * m.seq_len > max_batch_tokens and micro == least:
                                     continue
-                            schedule = fixed.get("pp_schedule", "interleaved-1f1b" if vpp > 1 else "1f1b")
                             for recompute in recomputes:
                                 for zero in zeros:
                                     if zero > 0 and dp * cp == 1 and "zero" not in fixed:
@@ -121,7 +125,8 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
                                     layout = _split(m, fixed, dict(
                                         tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, zero=zero, mbs=mbs, gbs=gbs,
                                         recompute=recompute, recompute_every=fixed.get("recompute_every", 1),
-                                        precision=precision, pp_schedule=schedule), dp)
+                                        precision=precision, pp_schedule=schedule,
+                                        pp_layers=fixed.get("pp_layers", ())), dp)
                                     if layout is not None:
                                         layouts.append(layout)
     return layouts

@@ -261,6 +261,10 @@ class Checkpointer:
             problem = verify(path)
             if problem is None:
                 try:
+                    keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+                    for value in state.values():  # a component may read an older format of its state
+                        if hasattr(value, "match_checkpoint"):
+                            value.match_checkpoint(keys)
                     dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
                 except Exception as exc:  # DCP raises many types for unreadable files
                     problem = f"{path} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
@@ -284,6 +288,8 @@ def load_model_weights(folder: Path, model: Any) -> int:
     position start afresh. A missing, damaged or mismatched checkpoint is a UserError."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    from colossus.parallel.pipeline import load_saved, to_saved
+
     candidates = Checkpointer(folder, keep=1).step_folders()
     if not candidates:
         raise UserError(f"train.init_from: no checkpoint in {folder}; point it at a run folder that has checkpoints/step-N")
@@ -291,13 +297,13 @@ def load_model_weights(folder: Path, model: Any) -> int:
     for step, path in candidates:
         problem = verify(path)
         if problem is None:
-            weights = {"train": {"model": get_model_state_dict(model)}}
+            weights = {"train": {"model": to_saved(model, get_model_state_dict(model))}}
             try:
                 dcp.load(weights, checkpoint_id=str(path), no_dist=not dist.is_initialized())
             except Exception as exc:  # shapes or names that do not match this model
                 raise UserError(f"train.init_from: {path} does not fit this model "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); use the same [model]") from None
-            set_model_state_dict(model, weights["train"]["model"])
+            set_model_state_dict(model, load_saved(model, weights["train"]["model"]))
             return step
         problems.append(problem)
     raise UserError(f"train.init_from: no intact checkpoint in {folder}: {problems[0]}")

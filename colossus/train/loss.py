@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from colossus.modelconfig import ModelConfig
-from colossus.models.grok import ModelOutput
+from colossus.models.grok import ModelOutput, Transformer
 
 IGNORE_INDEX = -100  # targets at padded positions (F.cross_entropy's default ignore_index)
 
@@ -68,11 +68,13 @@ def training_loss(output: ModelOutput, targets: torch.Tensor, cfg: ModelConfig,
 
 
 @torch.no_grad()
-def update_router_bias(model: torch.nn.Module, load: torch.Tensor, rate: float,
+def update_router_bias(model: Transformer, load: torch.Tensor, rate: float,
                        applied: torch.Tensor | bool = True) -> None:
     """DeepSeek-V3's balancing step (Liu et al. 2024, section 2.1.2): each expert's routing bias moves by
     `rate` towards balance, down where its load over the step was above the mean, up where below; not
-    at all for a step whose update was skipped (`applied` false: a device flag, read without a sync)."""
-    biases = [m.router_bias for m in model.modules() if hasattr(m, "router_bias")]
-    for bias, layer_load in zip(biases, load):
+    at all for a step whose update was skipped (`applied` false: a device flag, read without a sync).
+    `load` has a row per block of the whole model; a pipeline stage holds some of the blocks."""
+    for key, block in model.layers.items():
+        bias = block.get_submodule("ffn").router_bias
+        layer_load = load[int(key)]
         bias += rate * torch.sign(layer_load.mean() - layer_load) * torch.as_tensor(applied, device=bias.device)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from colossus import modelmath
 from colossus.account.flopcount import counted_flops
@@ -32,9 +32,10 @@ from colossus.config import RunConfig, config_to_dict, config_to_toml
 from colossus.data import PrefetchingLoader, TokenLoader, make_loader, prepare_tokens, validation_batches
 from colossus.errors import UserError
 from colossus.files import write_atomic
-from colossus.models.grok import Transformer, build_model
+from colossus.models.grok import Transformer, build_model, sample
 from colossus.parallel.init import materialize
 from colossus.parallel.parallelize import parallelize
+from colossus.parallel.pipeline import Pipeline, load_saved, to_saved
 from colossus.parallel.runtime import Runtime, setup_runtime
 from colossus.train.accounting import Accounting, ledger_rates
 from colossus.train.checkpoint import Checkpointer, CheckpointPolicy, load_model_weights
@@ -91,6 +92,13 @@ class Progress:
         self.skip_batches = list(state.get("skip_batches", []))
 
 
+# Flattened: the optimizer's state and hyperparameters keyed by parameter name, which pipeline stages
+# need (each rank's param groups differ). Checkpoints before pipeline parallelism kept param groups as a
+# list ("optimizer.param_groups.0.lr"); TrainingState reads those too.
+STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+LIST_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=False)
+
+
 @dataclass
 class TrainingState:
     """The one Stateful object a checkpoint holds: it gathers every component's state."""
@@ -100,16 +108,29 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: TokenLoader | PrefetchingLoader
     progress: Progress = field(default_factory=Progress)
+    options: StateDictOptions = field(default_factory=lambda: STATE_OPTIONS)
+
+    def match_checkpoint(self, keys: set[str]) -> None:
+        """Before a load: read the optimizer state in the format the checkpoint (its keys, under this
+        object's name) was written in."""
+        listed = any(key.endswith("optimizer.param_groups.0.lr") for key in keys)
+        self.options = LIST_OPTIONS if listed else STATE_OPTIONS
 
     def state_dict(self) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        # One key per parameter, optimizer state and hyperparameters included, named as in the whole
+        # model: every rank's entries are its own, whatever part of the model it holds (pipeline stages
+        # differ), and another layout loads them by name.
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.options)
+        model_state, optim_state = to_saved(self.model, model_state), to_saved(self.model, optim_state)
         return {"model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader.state_dict(), "progress": self.progress.state_dict(), "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The saved param groups carry the saving run's kernel choice (fused, foreach); keep this run's.
         kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in self.optimizer.param_groups]
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=load_saved(self.model, state["model"]),
+                       optim_state_dict=load_saved(self.model, state["optimizer"]), options=self.options)
+        self.options = STATE_OPTIONS  # what this run saves
         for group, chosen in zip(self.optimizer.param_groups, kernels):
             group.update(chosen)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -135,8 +156,10 @@ class Trainer:
         # Built on the meta device and parallelised there; each rank then allocates and fills only its own
         # shards, with the values one process would give the whole model (parallel/init.py).
         self.model = build_model(mcfg, "meta")
-        parallelize(self.model, layout, runtime.mesh, device, compile=tcfg.compile)
+        stages = parallelize(self.model, layout, runtime.mesh, device, compile=tcfg.compile)
         materialize(self.model, device, tcfg.seed)
+        # Under pipeline parallelism the model holds this rank's stages only, and a schedule runs them.
+        self.pipeline = Pipeline(self.model, stages, layout, runtime.mesh.pp, device) if layout.pp > 1 else None
         self.optimizer = build_optimizer(self.model, tcfg, device)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.loader = make_loader(self.data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp,
@@ -180,7 +203,7 @@ class Trainer:
         self.logger.open()
         self.evaluator = Evaluator(validation_batches(self.data.val, mcfg.seq_len, tcfg.global_batch,
                                                       config.eval.batches, runtime.dp_rank, layout.dp),
-                                   config.eval.interval, tcfg.steps, runtime, layout.precision)
+                                   config.eval.interval, tcfg.steps, runtime, layout.precision, self.pipeline)
         faults = config.faults
         self.nan_guard = NanGuard(faults.max_bad_steps, faults.inject_nan_at_step, faults.inject_nan_count,
                                   on_skip=self.skipped)
@@ -251,10 +274,13 @@ class Trainer:
         tcfg, layout, progress = self.config.train, self.runtime.layout, self.progress
         self.lr = self.scheduler.get_last_lr()[0]
         poison = self.nan_guard.poison(progress.step + 1)
+        inputs, targets, positions = self.runtime.split_sequences(inputs, targets)  # context parallel: a part of each
         step = lambda: train_step(self.model, self.optimizer, self.scheduler, inputs, targets, layout.mbs,  # noqa: E731
-                                  tcfg.grad_clip, self.runtime.device, layout.precision, poison, self.runtime.dp_sum)
+                                  tcfg.grad_clip, self.runtime.device, layout.precision, poison, self.runtime.batch_sum,
+                                  positions, self.pipeline, self.runtime.sequence_sum)
         ledger = self.accounting.ledger
-        if ledger.flop_counter_ratio is None and progress.step == 0:
+        # Not under pipeline parallelism: the counter's module hooks break the schedule's autograd.grad.
+        if ledger.flop_counter_ratio is None and progress.step == 0 and self.pipeline is None:
             result, counted = counted_flops(step, self.model)
             tokens = ledger.rates.tokens_per_step * ledger.rates.hardware_flops_per_token
             ledger.flop_counter_ratio = self.runtime.sum_over_ranks(float(counted)) / tokens
@@ -295,15 +321,15 @@ class Trainer:
         step_time = self.throughput.step_time()
         tokens_per_s = self.accounting.ledger.rates.tokens_per_step / step_time
         record = {
-            "step": progress.step, "loss": runtime.dp_mean(result.loss).item(), "lr": self.lr,
+            "step": progress.step, "loss": runtime.batch_mean(result.loss).item(), "lr": self.lr,
             "grad_norm": result.grad_norm.item(), "tokens": progress.tokens, "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / (self.peak * runtime.layout.world_size) if self.peak else None,
             "elapsed_s": progress.elapsed_s, "step_time_s": step_time,
         }
         if result.aux_loss is not None:
-            record["aux_loss"] = runtime.dp_mean(result.aux_loss).item()
-            record["z_loss"] = runtime.dp_mean(result.z_loss).item()
-            record["expert_load"] = [[round(v, 4) for v in row] for row in runtime.dp_mean(result.expert_load).tolist()]
+            record["aux_loss"] = runtime.batch_mean(result.aux_loss).item()
+            record["z_loss"] = runtime.batch_mean(result.z_loss).item()
+            record["expert_load"] = [[round(v, 4) for v in row] for row in runtime.batch_mean(result.expert_load).tolist()]
         self.logger.log_step(record, eta_s=(self.config.train.steps - progress.step) * step_time)
         if self.planner is not None:
             self.planner.record_step(step_time)
@@ -376,7 +402,8 @@ class Trainer:
             summary.update(self.planner.summary())
             self.logger.print(planner_line(summary))
         if self.config.eval.sample_tokens > 0 and not preempted:
-            summary["sample"] = sample_text(self.model, self.data.tokenizer, self.config, self.runtime.device)
+            summary["sample"] = sample_text(self.model, self.data.tokenizer, self.config, self.runtime.device,
+                                            self.pipeline)
             self.logger.print(f"sample:\n{summary['sample']}")
         if self.runtime.is_main:
             write_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
@@ -463,13 +490,19 @@ def loader_position(loader) -> str:
     return f"{state['epoch']}:{state['cursor']}"
 
 
-def sample_text(model, tokenizer, config: RunConfig, device: torch.device) -> str:
-    """A short generation from the trained model, seeded so it is the same every time."""
+def sample_text(model: Transformer, tokenizer, config: RunConfig, device: torch.device,
+                pipeline: Pipeline | None = None) -> str:
+    """A short generation from the trained model, seeded so it is the same every time (through the
+    pipeline's stages when the model is split into them)."""
     prompt = tokenizer.encode(config.eval.sample_prompt) or [tokenizer.eos_id]
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
     tokens = torch.tensor([prompt], device=device)
     model.eval()
-    generated = model.generate(tokens, config.eval.sample_tokens, generator=generator)
+    if pipeline is None:
+        generated = model.generate(tokens, config.eval.sample_tokens, generator=generator)
+    else:
+        generated = sample(pipeline.next_logits, tokens, config.eval.sample_tokens, config.model.seq_len,
+                           generator=generator)
     return tokenizer.decode(generated[0].tolist())
 
 
