@@ -21,7 +21,7 @@ import functools
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed._functional_collectives import all_gather_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from colossus.models.grok import Transformer
@@ -64,8 +64,8 @@ class ContextParallelAttention(nn.Module):
                 k_positions: torch.Tensor | None = None) -> torch.Tensor:
         if q_positions is None:
             return self.core(q, k, v)
-        keys = all_gather_tensor_autograd(k.contiguous(), gather_dim=2, group=self.group)
-        values = all_gather_tensor_autograd(v.contiguous(), gather_dim=2, group=self.group)
+        keys = all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.group)
+        values = all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.group)
         return self.core(q, keys, values, q_positions, gathered_positions(q.shape[2] * self.cp, self.cp, q.device))
 
 

@@ -142,7 +142,7 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, uncounted: l
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float().square())
-    device = grads[0].device if grads else torch.device("cpu")
+    device = grads[0].device if grads else parameters[0].device if parameters else torch.device("cpu")
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     if sum_over is not None:
         torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=sum_over)
