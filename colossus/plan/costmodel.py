@@ -181,7 +181,7 @@ class LayerCost:
     elementwise: float  # forward + backward memory-bound work
     tp_comm: float  # sequence-parallel all-gathers / reduce-scatters, forward + backward
     ep_comm: float  # MoE dispatch and combine all-to-alls, forward + backward
-    cp_comm: float  # ring exchange of keys and values, forward + backward (overlaps attention)
+    cp_comm: float  # all-gather of keys and values, and reduce-scatter of their gradients (not overlapped)
 
 
 def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs: int, precision: str,
@@ -231,8 +231,10 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
     ep_comm = 4 * all_to_all_time(machine, routed, ep, inside_ep) if m.is_moe else 0.0  # dispatch + combine, fwd + bwd
     inside_cp = tp * cp <= machine.gpus_per_node
     kv_bytes = 2 * tokens * m.n_kv_heads * q * element_bytes / tp
-    # Ring attention passes each K/V block around the cp ranks: forward once, backward twice (values and gradients).
-    cp_comm = 3 * (cp - 1) * kv_bytes / machine.link_bytes_per_s(inside_cp) if cp > 1 else 0.0
+    # Context parallel as the trainer runs it (parallel/context.py) and Llama 3 did (Dubey et al. 2024,
+    # section 3.3.2): each rank gathers the other ranks' keys and values before its attention, and the
+    # backward reduce-scatters their gradients; attention waits for the gather.
+    cp_comm = 2 * (cp - 1) * kv_bytes / machine.link_bytes_per_s(inside_cp) if cp > 1 else 0.0
     return LayerCost(forward, attention, score_forward, score_backward, elementwise, tp_comm, ep_comm, cp_comm)
 
 
@@ -417,7 +419,8 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     repeated = 1.0 + (0.5 * fraction if layout.recompute == "full" else 0.0)
     tp_layer = layer.tp_comm * repeated
     ep_layer = layer.ep_comm * repeated
-    cp_exposed = max(0.0, layer.cp_comm - 3 * layer.attention_core)  # overlapped with attention (ring attention)
+    # a recomputed attention core gathers its keys and values again
+    cp_exposed = layer.cp_comm * (1.0 + (0.5 * fraction if layout.recompute != "none" else 0.0))
     forward_layer = layer.forward_gemm + attention_forward + layer.elementwise / 3
     if modelmath.routing_pass(m, layout.micro_batches):  # one more forward, without gradients (train/step.py)
         compute_layer += forward_layer
