@@ -11,8 +11,7 @@ gradients over them.
 Attention gathers the keys and values of the whole sequence from the cp ranks (as torch's
 FlexAttention context parallel and Llama 3's all-gather variant do) and attends its own queries to
 them with the mask of their positions, so Grok's soft-cap 30 tanh(s/30) is applied to exactly the
-scores one rank would compute; the backward reduce-scatters the keys' and values' gradients to their
-owners. On a GPU the cap stays a FlexAttention score_mod (with a block mask of the positions).
+scores one rank would compute; the backward sums the keys' and values' gradients back to their owners. On a GPU the cap stays a FlexAttention score_mod (with a block mask of the positions).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import functools
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_single_autograd
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from colossus.models.grok import Transformer
@@ -49,6 +48,34 @@ def split_sequences(tokens: torch.Tensor, targets: torch.Tensor, cp: int,
     return tokens[:, positions], targets[:, positions], positions
 
 
+class GatherSequence(torch.autograd.Function):
+    """[batch, heads, tokens, dim] of every cp rank, concatenated on the tokens in rank order; the backward
+    sums each part's gradient over the ranks and hands each rank its own (a reduce-scatter).
+
+    Blocking c10d calls, not torch's functional collectives: on gloo, under the first step's FLOP
+    counter (a dispatch mode), their asynchronous output once corrupted the heap ("malloc(): unaligned
+    tcache chunk detected", a rank of cp=2 x tp=2 x dp_shard=2 in a CI run); torch.distributed.nn's
+    all_gather cannot run its gloo backward on a subgroup."""
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.size = group, dist.get_rank(group), dist.get_world_size(group)
+        parts = [torch.empty_like(part) for _ in range(ctx.size)]
+        dist.all_gather(parts, part.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if dist.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter: all-reduce, keep this rank's part
+            total = grad.contiguous().clone()
+            dist.all_reduce(total, group=ctx.group)
+            return total.chunk(ctx.size, dim=2)[ctx.rank].contiguous(), None
+        stacked = torch.stack(grad.chunk(ctx.size, dim=2)).contiguous()  # [ranks, batch, heads, tokens, dim]
+        mine = torch.empty_like(stacked[0])
+        dist.reduce_scatter_tensor(mine, stacked, group=ctx.group)
+        return mine, None
+
+
 class ContextParallelAttention(nn.Module):
     """The attention core of a context-parallel model: the keys and values of the whole sequence
     gathered from the cp ranks, this rank's queries attended to them. Called without positions
@@ -64,8 +91,7 @@ class ContextParallelAttention(nn.Module):
                 k_positions: torch.Tensor | None = None) -> torch.Tensor:
         if q_positions is None:
             return self.core(q, k, v)
-        keys = all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.group)
-        values = all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.group)
+        keys, values = GatherSequence.apply(k, self.group), GatherSequence.apply(v, self.group)
         return self.core(q, keys, values, q_positions, gathered_positions(q.shape[2] * self.cp, self.cp, q.device))
 
 
