@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def small_tables(corpus_dir: Path, cache_dir: Path, **sections: dict[str, Any]) 
 
 def small_config(corpus_dir: Path, cache_dir: Path, **sections: dict[str, Any]) -> RunConfig:
     return config_from_dict(small_tables(corpus_dir, cache_dir, **sections))
+
+
+def metrics_by_step(run: Path) -> dict[int, dict]:
+    """The last record of each training step in a run's metrics.jsonl (a resumed run logs some twice)."""
+    records = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record
+    return records
 
 
 def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:

@@ -5,11 +5,15 @@ code or signal, and the last lines of that rank's own stderr, not the survivors'
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from colossus.launch import first_rank_failure
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def torchrun(nproc: int, log_dir: Path, *options: str) -> list[str]:
@@ -43,3 +47,16 @@ def rank_stderr(log_dir: Path, local_rank: int) -> str:
     """The stderr of one local rank (its newest attempt)."""
     files = sorted(Path(log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
     return files[-1].read_text(errors="replace") if files else ""
+
+
+def start_training(args: list[str], cwd: Path, nproc: int) -> subprocess.Popen:
+    """`colossus.train ARGS` under torchrun on this machine, each rank's output in a cwd/logs-* folder."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    logs = Path(tempfile.mkdtemp(dir=cwd, prefix="logs-"))
+    return subprocess.Popen([*torchrun(nproc, logs, "--standalone"), "-m", "colossus.train", *args], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_training(process: subprocess.Popen, timeout: float = 900) -> str:
+    """A start_training job's output; a failure names the first failed rank and its own error."""
+    return finish(process, Path(process.args[process.args.index("--log-dir") + 1]), timeout=timeout)

@@ -3,13 +3,11 @@ layouts, two torchrun agents act as two nodes, and bad layouts fail before any m
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,8 @@ from colossus.config import ModelConfig, config_from_dict
 from colossus.errors import UserError
 from colossus.layout import Layout, check_fits
 from colossus.parallel.runtime import resolve_layout
-from conftest import REPO, small_tables, write_toml
-from ranks import finish as finish_ranks, rank_stderr, torchrun as launcher
+from conftest import REPO, metrics_by_step, small_tables, write_toml
+from ranks import finish as finish_ranks, finish_training, rank_stderr, start_training
 
 STEPS = 10
 LAYOUTS = {
@@ -35,33 +33,10 @@ LAYOUTS = {
 PROCESSES = {"dp_shard=2,tp=2,ep=2": 8}  # the others: 4
 
 
-def losses(run: Path) -> dict[int, dict]:
-    """The last record of each training step (a resumed run logs some steps twice)."""
-    records = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            records[record["step"]] = record
-    return records
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def torchrun(args: list[str], cwd: Path, nproc: int = 4) -> subprocess.Popen:
-    """`colossus.train ARGS` under torchrun on this machine, each rank's output in a cwd/logs-* folder."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    logs = Path(tempfile.mkdtemp(dir=cwd, prefix="logs-"))
-    return subprocess.Popen([*launcher(nproc, logs, "--standalone"), "-m", "colossus.train", *args], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen) -> str:
-    """The job's output; a failure names the first failed rank and its own error."""
-    return finish_ranks(process, Path(process.args[process.args.index("--log-dir") + 1]))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +54,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str
     result = {"single": root / "single", "config": config, "root": root}
     for name, keys in LAYOUTS.items():
         overrides = [arg for key, value in keys.items() for arg in ("--set", f"parallel.{key}={value}")]
-        finish(torchrun([str(config), "--out", name, *overrides], root, nproc=PROCESSES.get(name, 4)))
+        finish_training(start_training([str(config), "--out", name, *overrides], root, PROCESSES.get(name, 4)))
         result[name] = root / name
     return result
 
@@ -88,7 +63,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str
 def test_layout_matches_single_process(runs: dict[str, Path], layout: str) -> None:
     """Loss and gradient norm of each of the first 10 steps within 1e-4 relative of one process (the MoE
     balanced over the global batch, in micro-batches of 2: the single process splits each step in 4)."""
-    reference, parallel = losses(runs["single"]), losses(runs[layout])
+    reference, parallel = metrics_by_step(runs["single"]), metrics_by_step(runs[layout])
     assert sorted(parallel) == list(range(1, STEPS + 1))
     # sharded initialisation: every layout starts from the one process's model
     assert parallel[1]["loss"] == pytest.approx(reference[1]["loss"], rel=1e-6)
@@ -115,10 +90,10 @@ def test_checkpoint_reshards_across_layouts(runs: dict[str, Path], source: str, 
         output = result.stdout
     else:
         overrides = [arg for key, value in LAYOUTS[target].items() for arg in ("--set", f"parallel.{key}={value}")]
-        output = finish(torchrun([str(runs["config"]), "--out", str(resumed), *overrides], root))
+        output = finish_training(start_training([str(runs["config"]), "--out", str(resumed), *overrides], root, 4))
     assert "resumed" in output and "from step 5" in output
-    uninterrupted = losses(runs[source])
-    after = losses(resumed)
+    uninterrupted = metrics_by_step(runs[source])
+    after = metrics_by_step(resumed)
     for step in range(6, STEPS + 1):
         assert after[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-5), step
 
@@ -142,7 +117,7 @@ def test_two_agents_as_two_nodes(runs: dict[str, Path]) -> None:
                                text=True) for log in logs]
     for agent, log in zip(agents, logs):
         finish_ranks(agent, log)
-    one_agent, two_agents = losses(runs["dp_shard=4"]), losses(root / "two-nodes")
+    one_agent, two_agents = metrics_by_step(runs["dp_shard=4"]), metrics_by_step(root / "two-nodes")
     for step in range(1, STEPS + 1):
         assert two_agents[step]["loss"] == pytest.approx(one_agent[step]["loss"], rel=1e-6)
 
@@ -222,7 +197,7 @@ def test_what_the_trainer_cannot_run_yet_is_one_line() -> None:
 def test_world_size_mismatch_fails_before_building(tmp_path: Path, corpus_dir: Path) -> None:
     """Under torchrun with 2 processes, a layout for 4 stops with one line per rank and no run folder."""
     config = write_toml(tmp_path / "run.toml", small_tables(corpus_dir, tmp_path / "cache"))
-    process = torchrun([str(config), "--out", "r", "--set", "parallel.dp_shard=4"], tmp_path, nproc=2)
+    process = start_training([str(config), "--out", "r", "--set", "parallel.dp_shard=4"], tmp_path, 2)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
     logs = Path(process.args[process.args.index("--log-dir") + 1])
@@ -247,14 +222,14 @@ def test_activation_checkpointing_keeps_the_numbers(tmp_path: Path, corpus_dir: 
                                 **sections)
     train(plain, tmp_path / "plain")
     train(checkpointed, tmp_path / "ac")
-    reference, recomputed = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    reference, recomputed = metrics_by_step(tmp_path / "plain"), metrics_by_step(tmp_path / "ac")
     for step in range(1, 7):
         assert recomputed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6)
     # Resume the AC run's step-4 checkpoint without AC: the names match, so it loads.
     shutil.rmtree(tmp_path / "ac" / "checkpoints" / "step-6")
     longer = small_config(corpus_dir, tmp_path / "cache", **{**sections, "train": {"steps": 6}})
     summary = train(longer, tmp_path / "ac")
-    assert summary["step"] == 6 and losses(tmp_path / "ac")[6]["loss"] == pytest.approx(reference[6]["loss"], rel=1e-6)
+    assert summary["step"] == 6 and metrics_by_step(tmp_path / "ac")[6]["loss"] == pytest.approx(reference[6]["loss"], rel=1e-6)
 
 
 def test_recompute_keeps_less_for_the_backward() -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from colossus.config import ModelConfig, config_from_dict
 from colossus.errors import UserError
 from colossus.layout import Layout, check_fits, rank_share, stage_layers, stage_ranks
 from colossus.parallel.runtime import resolve_layout
-from conftest import REPO, small_tables, write_toml
-from ranks import finish as finish_ranks, torchrun as launcher
+from conftest import REPO, metrics_by_step, small_tables, write_toml
+from ranks import finish as finish_ranks, finish_training, start_training, torchrun as launcher
 
 STEPS = 10
 # The `micro` MoE of the other parallel tests with 8 blocks (tests/conftest.py), a global batch of 8 in
@@ -36,25 +35,12 @@ LAYOUTS = {
 }
 
 
-def losses(run: Path) -> dict[int, dict]:
-    records = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            records[record["step"]] = record
-    return records
-
-
 def overrides(keys: dict) -> list[str]:
     return [arg for key, value in keys.items() for arg in ("--set", f"parallel.{key}={json.dumps(value)}")]
 
 
 def torchrun(args: list[str], cwd: Path, nproc: int) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    logs = Path(tempfile.mkdtemp(dir=cwd, prefix="logs-"))
-    process = subprocess.Popen([*launcher(nproc, logs, "--standalone"), "-m", "colossus.train", *args], cwd=cwd,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return finish_ranks(process, logs, timeout=900)
+    return finish_training(start_training(args, cwd, nproc))
 
 
 def single(config: Path, out: Path, cwd: Path) -> str:
@@ -84,7 +70,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> dict[str
 def test_layout_matches_single_process(runs: dict[str, Path], layout: str) -> None:
     """Loss and gradient norm of each of the first 10 steps within 1e-4 relative of one process; the
     validation loss and the sample too (the pipeline's forward-only pass, context parallel evaluation)."""
-    reference, parallel = losses(runs["single"]), losses(runs[layout])
+    reference, parallel = metrics_by_step(runs["single"]), metrics_by_step(runs[layout])
     assert sorted(parallel) == list(range(1, STEPS + 1))
     assert parallel[1]["loss"] == pytest.approx(reference[1]["loss"], rel=1e-6)  # the same initial model
     for step in range(1, STEPS + 1):
@@ -112,7 +98,7 @@ def test_pipelined_checkpoint_resumes_without_the_pipeline(runs: dict[str, Path]
     else:
         output = torchrun([str(runs["config"]), "--out", str(resumed), "--set", "parallel.dp_shard=8"], root, 8)
     assert "resumed" in output and "from step 5" in output
-    uninterrupted, after = losses(runs[source]), losses(resumed)
+    uninterrupted, after = metrics_by_step(runs[source]), metrics_by_step(resumed)
     assert sorted(after) == list(range(1, STEPS + 1))
     for step in range(6, STEPS + 1):
         assert after[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-5), step
