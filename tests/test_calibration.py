@@ -95,7 +95,7 @@ def test_train_what_you_plan_on_two_processes(tmp_path: Path, corpus_dir: Path, 
                          cwd=tmp_path)
     check(job.returncode, job.stdout + job.stderr, tmp_path / "logs")
     resolved = config_from_dict(tomllib.loads((tmp_path / "r" / "config.toml").read_text()))
-    for key in ("dp_replicate", "dp_shard", "tp", "ep", "cp", "pp", "vpp", "zero", "recompute"):
+    for key in ("dp_replicate", "dp_shard", "tp", "ep", "cp", "pp", "vpp", "pp_schedule", "zero", "recompute"):
         assert getattr(resolved.parallel, key) == layout[key], key
     assert (resolved.train.global_batch, resolved.train.micro_batch) == (layout["gbs"], layout["mbs"])
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

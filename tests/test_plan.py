@@ -18,7 +18,7 @@ from colossus.errors import UserError
 from colossus.models.presets import get_preset
 from colossus.plan.cluster import get_cluster
 from colossus.hardware import GPUS
-from colossus.layout import LAYOUT_KEYS, layout_from_keys
+from colossus.layout import LAYOUT_KEYS, layout_from_keys, least_micro_batches, stage_layers
 from colossus.plan.costmodel import Machine, all_reduce_time, memory_breakdown, predict
 from colossus.plan.planner import plan, write_config
 from colossus.plan.search import candidates, parse_layout, search
@@ -104,8 +104,35 @@ def test_every_candidate_is_valid() -> None:
     for lay in layouts:
         assert lay.tp * lay.pp * lay.dp * lay.cp == 4096
         assert model.n_heads % lay.tp == 0 and model.n_kv_heads % lay.tp == 0 and model.n_experts % lay.ep == 0
-        assert lay.gbs % (lay.dp * lay.mbs) == 0 and lay.micro_batches >= lay.pp
-        assert (model.n_layers // lay.pp) % lay.vpp == 0
+        least, multiple = least_micro_batches(lay.pp_schedule, lay.pp, lay.vpp)
+        assert lay.gbs % (lay.dp * lay.mbs) == 0 and lay.micro_batches >= least and lay.micro_batches % multiple == 0
+        assert lay.stages <= model.n_layers
+    assert {lay.pp_schedule for lay in layouts} == {"1f1b", "interleaved-1f1b", "zbv"}
+
+
+def test_a_fixed_batch_on_a_cluster_that_does_not_factor_plans_an_uneven_pipeline() -> None:
+    """Llama 3's batch (2,048 sequences of 8,192 tokens) for grok-1 on colossus-100k: 98,304 GPUs (the rest
+    spares) leave at most 2,048 data-parallel ranks, so tp x pp x cp holds the factor 3, and only a
+    pipeline can: 3, 6, 12, ... stages, which split grok-1's 64 layers unevenly."""
+    planned = plan(get_preset("grok-1"), get_cluster("colossus-100k"), layout={"gbs": 2048})
+    report = planned.report
+    lay = report["layout"]
+    assert report["fits"] and lay["gbs"] == 2048 and report["gpus_used"] == 98_304
+    assert report["spare_gpus"] == 1_696 and lay["pp"] % 3 == 0 and 64 % lay["pp"]
+    layout = layout_from_keys({k: (tuple(v) if k == "pp_layers" else v) for k, v in lay.items()})
+    assert sum(stage_layers(layout, 64)) == 64 and len(set(stage_layers(layout, 64))) > 1
+
+
+def test_126_layers_plan_on_16_interleaved_stages() -> None:
+    """Llama 3 405B's depth over its 16 pipeline ranks on 16,384 H100s, interleaved (32 stages of 3 or 4
+    blocks, the embedding and the output counted as one each; Llama 3 ran 1F1B with 7, 8 x 14, 7)."""
+    llama = ModelConfig(name="llama3-405b", n_layers=126, d_model=16384, n_heads=128, n_kv_heads=8, head_dim=128,
+                        ffn_dim=53248, ffn_type="swiglu", n_experts=1, top_k=1, vocab_size=128256, seq_len=8192)
+    result = search(llama, get_cluster("dgx-h100-16384"), {"pp": 16, "vpp": 2, "tp": 8, "gbs": 1024})
+    best = result.ranked[0].layout
+    assert (best.pp, best.vpp) == (16, 2) and best.pp_schedule in ("interleaved-1f1b", "zbv")
+    split = stage_layers(best, 126)
+    assert len(split) == 32 and sum(split) == 126 and set(split) == {3, 4} and split[0] == split[-1] == 3
 
 
 def test_fixed_keys_are_kept() -> None:

@@ -67,9 +67,21 @@ class SearchResult:
     best_unfit: Prediction | None  # the least memory-hungry layout, when none fits
 
 
+def _smooth_sizes(limit: int) -> list[int]:
+    """Sizes 2^a 3^b up to limit: the pipeline depths that divide the GPU counts a plan uses."""
+    return sorted(2**a * 3**b for a in range(limit.bit_length()) for b in range(12) if 2**a * 3**b <= limit)
+
+
+def _schedules(fixed: dict, vpp: int) -> list[str]:
+    """The pipeline schedules that run vpp stages per rank: 1F1B one, interleaved 1F1B several, ZB-V two."""
+    if "pp_schedule" in fixed:
+        return [fixed["pp_schedule"]]
+    return ["1f1b"] if vpp == 1 else ["interleaved-1f1b", "zbv"] if vpp == 2 else ["interleaved-1f1b"]
+
+
 def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
                max_batch_tokens: float = float("inf"), precision: str = "bf16",
-               batch_tokens: float = DEFAULT_BATCH_TOKENS) -> list[Layout]:
+               batch_tokens: float = DEFAULT_BATCH_TOKENS, uneven: bool = False) -> list[Layout]:
     """Every layout allowed by the model, the GPU count and the fixed keys (and, when gbs is not
     fixed, whose smallest batch stays within max_batch_tokens) that the trainer's own checks accept
     (colossus.layout.check_fits): whatever the planner ranks, `colossus train` can be given."""
@@ -77,7 +89,9 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
     layouts = []
     tps = pick("tp", [t for t in _divisors(gpus_per_node) if m.n_heads % t == 0 and m.n_kv_heads % t == 0])
     cps = pick("cp", [c for c in (1, 2, 4, 8, 16) if m.seq_len % (2 * c) == 0 or c == 1])
-    pps = pick("pp", _divisors(m.n_layers, 128))
+    # Pipeline sizes: the layer count's divisors; with `uneven`, also 2^a 3^b sizes that split it unevenly
+    # (the trainer balances the blocks, the embedding and the output over the stages: layout.stage_layers).
+    pps = pick("pp", sorted(set(_divisors(m.n_layers, 128)) | set(_smooth_sizes(min(m.n_layers, 128)) if uneven else ())))
     eps = pick("ep", _divisors(m.n_experts) if m.is_moe else [1])
     mbss = pick("mbs", [1, 2, 4, 8])
     recomputes = pick("recompute", list(RECOMPUTE))
@@ -93,19 +107,15 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
                 dp = n_gpus // (tp * cp * pp)
                 if "dp" in fixed and fixed["dp"] != dp:
                     continue
-                # An uneven split (a fixed pp not dividing the layers) is paced by its fullest stage.
-                per_stage = math.ceil(m.n_layers / pp)
-                even = m.n_layers % pp == 0
-                vpps = pick("vpp", [v for v in (1, 2, 4, 8) if per_stage % v == 0] if pp > 1 and even else [1])
+                # Interleaving over any split with a block or more per stage (costmodel paces a pipeline by
+                # its fullest rank).
+                vpps = pick("vpp", [v for v in (1, 2, 4, 8) if pp * v <= m.n_layers] if pp > 1 else [1])
                 for ep in eps:
                     if dp % ep or m.n_experts % ep:
                         continue
                     for mbs in mbss:
                         unit = dp * mbs
-                        for vpp in vpps:
-                            if vpp > 1 and (pp == 1 or per_stage % vpp):
-                                continue
-                            schedule = fixed.get("pp_schedule", "interleaved-1f1b" if vpp > 1 else "1f1b")
+                        for vpp, schedule in ((v, s) for v in vpps if v == 1 or pp > 1 for s in _schedules(fixed, v)):
                             least, multiple = least_micro_batches(schedule, pp, vpp)
                             if "gbs" in fixed:
                                 gbs = fixed["gbs"]
@@ -176,11 +186,15 @@ def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile:
     # A measured machine is planned in the precision it was measured in (fp32 on a CPU).
     precision = next((p for p, name in TORCH_DTYPE_NAMES.items() if name == getattr(profile, "dtype", "")), "bf16")
     batch = LOCAL_BATCH_SEQUENCES * m.seq_len if profile is not None else DEFAULT_BATCH_TOKENS
-    layouts = [layout for n in counts for layout in candidates(m, n, cluster.gpus_per_node, fixed,
-                                                               MAX_DEFAULT_BATCH_TOKENS, precision, batch)]
-    if not layouts:
-        layouts = [layout for n in counts for layout in candidates(m, n, cluster.gpus_per_node, fixed,
-                                                                   precision=precision, batch_tokens=batch)]
+    # Widening passes until one finds layouts: within the default batch, then any batch, then uneven pipeline
+    # splits too (a fixed batch on a GPU count with a factor 3 needs a pipeline of 3, 6, 12, ... stages;
+    # searched only then, as they double the layouts and the time).
+    layouts: list[Layout] = []
+    for limit, uneven in ((MAX_DEFAULT_BATCH_TOKENS, False), (float("inf"), False), (float("inf"), True)):
+        layouts = [layout for n in counts for layout in candidates(m, n, cluster.gpus_per_node, fixed, limit,
+                                                                   precision, batch, uneven)]
+        if layouts:
+            break
     if not layouts:
         raise UserError(_why_no_layout(m, cluster, fixed))
     layer_costs: dict = {}
@@ -209,8 +223,8 @@ def _check_fixed(m: ModelConfig, cluster: Cluster, fixed: dict, counts: list[int
         given = " x ".join(f"{k}={fixed[k]}" for k in ("tp", "pp", "dp", "cp") if k in fixed)
         spare = f" or the {', '.join(f'{c:,}' for c in counts[1:])} it may use with spares" if len(counts) > 1 else ""
         raise UserError(f"--layout {given} does not divide the {n:,} GPUs{spare} (tp x pp x dp x cp must equal them)")
-    if "vpp" in fixed and "pp" in fixed and (m.n_layers % fixed["pp"] or (m.n_layers // fixed["pp"]) % fixed["vpp"]):
-        raise UserError(f"--layout vpp={fixed['vpp']} does not divide the {m.n_layers // fixed['pp']} layers per stage")
+    if "vpp" in fixed and "pp" in fixed and fixed["pp"] * fixed["vpp"] > m.n_layers:
+        raise UserError(f"--layout pp={fixed['pp']} x vpp={fixed['vpp']} is more stages than the model's {m.n_layers} layers")
 
 
 def _why_no_layout(m: ModelConfig, cluster: Cluster, fixed: dict) -> str:
