@@ -113,6 +113,7 @@ PLAN_EPILOG = """\
 examples:
   colossus plan --model grok-1 --cluster colossus-100k --tokens 6e12
   colossus plan --model grok-1 --cluster dgx-h100-1024 --layout tp=8,recompute=full
+  colossus plan --model grok-1 --cluster colossus-100k --batch-tokens 8e6 --json
   colossus plan --model my_model.toml --cluster my_cluster.toml --gpus 4096 --json
   colossus plan --model tiny --cluster local-2 --write-config t.toml   # then: torchrun --nproc-per-node 2 -m colossus.train t.toml
 
@@ -160,6 +161,9 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--gpus", type=int, metavar="N", help="use N GPUs of the cluster (default: all)")
     plan.add_argument("--layout", default="", metavar="K=V,...", help="fix layout keys, e.g. tp=8,pp=4,recompute=full")
     plan.add_argument("--tokens", type=float, metavar="N", help="training tokens: adds days, GPU-hours, energy and cost")
+    plan.add_argument("--batch-tokens", type=float, metavar="N",
+                      help="tokens per step to plan for when gbs is not fixed (default 16.8M, Llama 3's batch; on "
+                           "local-N the trainer's 8 sequences): the planner keeps the batch near it at any scale")
     plan.add_argument("--usd-per-gpu-hour", type=float, metavar="X", help="price for the cost (default: the cluster's)")
     plan.add_argument("--profile", metavar="FILE.json",
                       help="with --cluster local-N: the machine profile from `colossus bench` (default: its cache file)")
@@ -194,7 +198,8 @@ def add_simulate_parser(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--restart-s", type=float, default=DEFAULT_RESTART_S, metavar="S",
                      help=f"restart cost before the checkpoint load (default {DEFAULT_RESTART_S:g})")
     sim.add_argument("--repair-hours", type=float, default=0.0, metavar="H",
-                     help="extra wait after a hardware failure when no spare node is free (default 0: hot spares)")
+                     help="hours to repair a node a hardware failure took out; the run waits only when none of its "
+                          "spare nodes (the GPUs the plan leaves over) is free (default 0: spares without limit)")
     sim.add_argument("--storage-gb-s", type=float, default=DEFAULT_STORAGE_GB_S, metavar="X",
                      help=f"checkpoint storage bandwidth, GB/s (default {DEFAULT_STORAGE_GB_S:g})")
     sim.add_argument("--failures", metavar="FILE.toml", help="override failure rates ([failures] table)")
@@ -276,7 +281,7 @@ def run_plan(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     cluster, profile = resolve_cluster(args.cluster, args.gpus, Path(args.profile) if args.profile else None)
     planned = plan(model, cluster, parse_layout(args.layout), args.tokens, args.usd_per_gpu_hour, args.top, profile,
-                   spares=args.gpus is None)  # --gpus N: exactly N
+                   spares=args.gpus is None, batch_tokens=args.batch_tokens)  # --gpus N: exactly N
     if args.write_config:
         written = write_config(planned, Path(args.write_config))
         print(f"wrote {written}: {planned.best.layout.world_size:,} processes", file=sys.stderr)

@@ -123,6 +123,29 @@ def test_a_fixed_batch_on_a_cluster_that_does_not_factor_plans_an_uneven_pipelin
     assert sum(stage_layers(layout, 64)) == 64 and len(set(stage_layers(layout, 64))) > 1
 
 
+def test_the_batch_stays_near_its_budget_at_any_scale() -> None:
+    """Without gbs the planner holds the batch near --batch-tokens (16.8M by default) on 1,024 and on
+    100,000 GPUs, with tensor, context and pipeline parallelism rather than a bigger batch; a budget the
+    cluster cannot reach gets the smallest batch it allows, not the fastest huge one; the JSON names the
+    GPUs used and the spares (whole nodes)."""
+    grok = get_preset("grok-1")
+    budget = 16 * 2**20
+    for cluster in ("dgx-h100-1024", "colossus-100k"):
+        report = plan(grok, get_cluster(cluster)).report
+        assert budget <= report["batch_tokens"] <= 1.25 * budget, (cluster, report["layout"])
+        assert report["batch_tokens"] == report["layout"]["gbs"] * grok.seq_len
+    big = plan(grok, get_cluster("colossus-100k")).report
+    assert big["gpus_used"] + big["spares"] == 100_000 and big["spares"] % 8 == 0 and big["spares"] > 0
+    lay = big["layout"]
+    assert lay["tp"] * lay["cp"] * lay["pp"] >= 32  # dp alone would need 12,288 sequences (100M tokens)
+    half = plan(grok, get_cluster("colossus-100k"), batch_tokens=8e6).report
+    assert 8e6 <= half["batch_tokens"] <= 1.25 * 8e6 and half["step_time_s"] < big["step_time_s"]
+    tiny = plan(grok, get_cluster("colossus-100k"), batch_tokens=1e6).report  # below tp8 x cp16's smallest
+    assert tiny["batch_tokens"] <= 8e6, tiny["layout"]
+    with pytest.raises(UserError, match="--batch-tokens"):
+        plan(grok, get_cluster("colossus-100k"), batch_tokens=0)
+
+
 def test_126_layers_plan_on_16_interleaved_stages() -> None:
     """Llama 3 405B's depth over its 16 pipeline ranks on 16,384 H100s, interleaved (32 stages of 3 or 4
     blocks, the embedding and the output counted as one each; Llama 3 ran 1F1B with 7, 8 x 14, 7)."""
@@ -219,7 +242,8 @@ def test_plan_command_line_and_its_json_keys(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("layout", "step_time_s", "tokens_per_s", "model_flops_per_token", "model_tflops_per_gpu", "mfu",
-                "memory_gib_per_gpu", "fits", "days", "gpu_hours", "energy_mwh", "cost_usd"):
+                "memory_gib_per_gpu", "fits", "days", "gpu_hours", "energy_mwh", "cost_usd", "gpus_used", "spares",
+                "batch_tokens"):
         assert key in report, key
     assert set(report["layout"]) >= {"tp", "pp", "vpp", "dp", "ep", "cp", "mbs", "gbs", "recompute", "zero", "precision"}
     assert set(report["layout"]) >= set(LAYOUT_KEYS)
@@ -271,6 +295,7 @@ def test_fully_fixed_layout_and_model_file(tmp_path: Path) -> None:
     (["--model", "grok-1", "--cluster", "dgx-a100-8"], "fits in no layout"),
     (["--model", "grok-1", "--cluster", "colossus-100k", "--layout", "tp=16"], "tp=16"),
     (["--model", "grok-1", "--cluster", "colossus-100k", "--gpus", "200000"], "--gpus 200000"),
+    (["--model", "grok-1", "--cluster", "colossus-100k", "--batch-tokens", "-5"], "--batch-tokens"),
 ])
 def test_plan_user_errors(args: list[str], words: str) -> None:
     result = run_plan(*args)

@@ -76,6 +76,37 @@ def test_monte_carlo_optimum_agrees_with_daly(gpus: int) -> None:
     assert young_interval(60, mtti) > daly_interval(60, mtti) * 0.9
 
 
+def test_spare_nodes_spare_the_wait_for_repairs() -> None:
+    """A hardware failure waits for a repair only when every spare node is taken: with none it waits the
+    whole repair (as before spares), with a few the chance is Poisson's tail, with many it never waits;
+    the goodput of a month on 16,384 GPUs with a 3-day repair shows it."""
+    base = dict(mtti_s=1800.0, planned_per_s=0.0, checkpoint=CheckpointCost(5, 60, 60), restart_s=300,
+                repair_s=3 * 86400, hardware_share=0.5)
+    none, few, many = (Scenario(**base, spare_nodes=s) for s in (0, 72, 400))
+    assert none.repair_wait() == (pytest.approx(1.0), 3 * 86400)
+    in_repair = 0.5 / 1800 * 3 * 86400  # Poisson mean: 72 nodes in repair
+    assert few.repair_wait()[0] == pytest.approx(0.5, abs=0.05) and few.repair_wait()[1] == pytest.approx(3 * 86400 / 73)
+    assert many.repair_wait()[0] < 1e-12 and in_repair == pytest.approx(72)
+    goodput = {s.spare_nodes: simulate(s, 600.0, trials=40, seed=3, horizon_s=30 * 86400).goodput.mean()
+               for s in (none, few, many)}
+    assert goodput[0] < 0.05 < goodput[72] < goodput[400]
+    assert goodput[400] == pytest.approx(simulate(Scenario(**{**base, "repair_s": 0.0}), 600.0, trials=40, seed=3,
+                                                  horizon_s=30 * 86400).goodput.mean(), rel=1e-6)
+
+
+def test_simulate_spares_come_from_the_plan() -> None:
+    """colossus-100k trains on 98,304 GPUs and keeps 212 nodes spare: with a 3-day repair its goodput stays
+    where hot spares put it; planned on exactly 98,304 GPUs (no spares) the same repairs stop it."""
+    grok, cluster = load_model("grok-1"), get_cluster("colossus-100k")
+    spared = simulate_run(grok, cluster, SimulationOptions(days=7, trials=20, repair_hours=72))
+    hot = simulate_run(grok, cluster, SimulationOptions(days=7, trials=20))
+    bare = simulate_run(grok, cluster.with_gpus(98_304), SimulationOptions(days=7, trials=20, repair_hours=72))
+    assert spared["spare_nodes"] == 212 and spared["gpus_used"] == 98_304 and bare["spare_nodes"] == 0
+    assert spared["repair_wait_chance"] < 1e-6 and bare["repair_wait_chance"] == 1.0
+    assert spared["goodput"] == pytest.approx(hot["goodput"], rel=0.02)
+    assert bare["goodput"] < spared["goodput"] / 2
+
+
 def test_llama3_scale_acceptance() -> None:
     """16,384 H100 for 54 days: 419 unexpected interruptions within 10%, goodput above 90% at the
     interval the tool chooses."""

@@ -133,12 +133,15 @@ class RouterLosses:
         self.load: torch.Tensor | None = None  # [n_layers, n_experts], over the global batch
         # the whole micro-batch's slots from this rank's (context-parallel ranks hold parts of its sequences)
         self.sum_over_cp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-        self.reset(1)
+        # reset() allocates the counts as a step starts: a dry run builds the stages for a device it lacks
+        self.micro_batches = 1
+        self.routed: torch.Tensor | None = None
+        self.calls: dict[tuple[str, ...], list[tuple[torch.Tensor, ...]]] = {}
 
     def reset(self, micro_batches: int) -> None:
         self.micro_batches = micro_batches
         self.routed = torch.zeros(self.cfg.n_layers, self.cfg.n_experts, device=self.device)
-        self.calls: dict[tuple[str, ...], list[tuple[torch.Tensor, ...]]] = {}
+        self.calls = {}
 
     def add(self, keys: list[str], stats: list, h: torch.Tensor) -> torch.Tensor:
         rows = torch.tensor([int(key) for key in keys], device=self.device)

@@ -82,7 +82,7 @@ def resolve_cluster(spec: str, gpus: int | None = None, profile_path: Path | Non
 
 def plan(model: ModelConfig, cluster: Cluster, layout: dict | None = None, tokens: float | None = None,
          usd_per_gpu_hour: float | None = None, top: int = 5, profile: object | None = None,
-         spares: bool = True) -> Plan:
+         spares: bool = True, batch_tokens: float | None = None) -> Plan:
     """Rank the layouts of `model` on `cluster` that fit (`layout` fixes some keys, as --layout does);
     with `tokens`, the whole run's days, energy, cost and regulatory thresholds. A measured machine
     (`profile`) is planned as our eager trainer runs there."""
@@ -94,7 +94,8 @@ def plan(model: ModelConfig, cluster: Cluster, layout: dict | None = None, token
         raise UserError(f"--top must be at least 1, got {top}")
     software = eager_cpu_software(model) if profile is not None else Software()
     started = time.perf_counter()
-    result = search(model, cluster, dict(layout or {}), top=top, profile=profile, software=software, spares=spares)
+    result = search(model, cluster, dict(layout or {}), top=top, profile=profile, software=software, spares=spares,
+                    batch_tokens=batch_tokens)
     elapsed = time.perf_counter() - started
     if not result.ranked:
         smallest = result.best_unfit
@@ -114,6 +115,9 @@ def plan(model: ModelConfig, cluster: Cluster, layout: dict | None = None, token
         "n_gpus": cluster.n_gpus,
         "gpus_used": best.layout.world_size,  # the rest are hot spares (search.gpu_counts)
         "spare_gpus": cluster.n_gpus - best.layout.world_size,
+        "spares": cluster.n_gpus - best.layout.world_size,  # GPUs, whole nodes (issue 19's key; spare_gpus kept)
+        "spare_nodes": (cluster.n_gpus - best.layout.world_size) // cluster.gpus_per_node,
+        "batch_tokens": best.layout.gbs * model.seq_len,
         "layouts_considered": result.considered,
         "search_s": elapsed,
         "alternatives": [p.to_json() for p in result.ranked[1:]],
@@ -172,7 +176,9 @@ def print_plan(planned: Plan) -> None:
         f"{cluster.gpus_per_node} per node, {cluster.nic_gbps:g} Gb/s per GPU"
         + (f"\n  {cluster.note}" if cluster.note else "")
     )
-    console.print(f"searched {result.considered:,} layouts in {report['search_s']:.2f} s"
+    best_layout = result.ranked[0].layout
+    console.print(f"searched {result.considered:,} layouts in {report['search_s']:.2f} s; batch {best_layout.gbs:,} x "
+                  f"{model.seq_len:,} = {report['batch_tokens'] / 1e6:.1f}M tokens per step"
                   + (f"; the best trains on {report['gpus_used']:,} GPUs and keeps {report['spare_gpus']:,} as hot spares"
                      if report["spare_gpus"] else ""))
     table = Table(title="Fastest layouts that fit")

@@ -18,12 +18,15 @@ from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
 from colossus.plan.costmodel import Prediction, Software, predict
 
-# Without gbs: about 16M tokens per step (Llama 3 405B's batch, Dubey et al. 2024, section 3.4), or the
-# smallest batch the layout allows (one micro-batch per data-parallel rank) when that is larger; layouts
-# whose smallest batch exceeds 8x that (128M tokens) are left out (past the critical batch size more tokens per step
-# stop buying progress, McCandlish et al. 2018), unless no other layout exists.
+# Without gbs the global batch is held near a token budget at any scale (--batch-tokens): about 16M
+# tokens per step by default (Llama 3 405B's batch, Dubey et al. 2024, section 3.4). Past the critical
+# batch size more tokens per step stop buying progress (McCandlish et al. 2018), so a bigger cluster
+# should train the same batch faster, with tp, cp and pp, rather than a bigger batch with more dp.
+# A layout's batch is the budget rounded up to whole micro-batches on every data-parallel rank (a multiple
+# of pp for interleaved schedules); layouts whose batch comes out more than BATCH_TOLERANCE times the
+# budget are searched only when no other layout exists.
 DEFAULT_BATCH_TOKENS = 16 * 2**20
-MAX_DEFAULT_BATCH_TOKENS = 8 * DEFAULT_BATCH_TOKENS
+BATCH_TOLERANCE = 1.25
 # On a measured machine (--cluster local-N) the default batch is the trainer's own default,
 # train.global_batch = 8 sequences (or one micro-batch per rank when that is more): a plan runs here.
 LOCAL_BATCH_SEQUENCES = 8
@@ -83,7 +86,7 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
                max_batch_tokens: float = float("inf"), precision: str = "bf16",
                batch_tokens: float = DEFAULT_BATCH_TOKENS, uneven: bool = False) -> list[Layout]:
     """Every layout allowed by the model, the GPU count and the fixed keys (and, when gbs is not
-    fixed, whose smallest batch stays within max_batch_tokens) that the trainer's own checks accept
+    fixed, whose batch near batch_tokens stays within max_batch_tokens) that the trainer's own checks accept
     (colossus.layout.check_fits): whatever the planner ranks, `colossus train` can be given."""
     pick = lambda key, options: [fixed[key]] if key in fixed else options  # noqa: E731
     layouts = []
@@ -126,7 +129,7 @@ def candidates(m: ModelConfig, n_gpus: int, gpus_per_node: int, fixed: dict,
                                 micro = max(least, math.ceil(batch_tokens / m.seq_len / unit))
                                 micro = math.ceil(micro / multiple) * multiple
                                 gbs = unit * micro
-                                if gbs * m.seq_len > max_batch_tokens and micro == least:
+                                if gbs * m.seq_len > max_batch_tokens:
                                     continue
                             for recompute in recomputes:
                                 for zero in zeros:
@@ -178,21 +181,26 @@ def gpu_counts(n_gpus: int, gpus_per_node: int) -> list[int]:
 
 
 def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile: object | None = None,
-           software: Software = Software(), spares: bool = True) -> SearchResult:
+           software: Software = Software(), spares: bool = True, batch_tokens: float | None = None) -> SearchResult:
     """Rank every layout of `m` on `cluster` that fits; with `spares`, layouts on slightly fewer GPUs
-    too (gpu_counts), the rest kept as hot spares."""
+    too (gpu_counts), the rest kept as hot spares. Without a fixed gbs the batch is held near
+    `batch_tokens` (default: DEFAULT_BATCH_TOKENS, or LOCAL_BATCH_SEQUENCES on a measured machine)."""
+    if batch_tokens is not None and not batch_tokens > 0:
+        raise UserError(f"--batch-tokens must be positive, got {batch_tokens:g}")
     counts = gpu_counts(cluster.n_gpus, cluster.gpus_per_node) if spares else [cluster.n_gpus]
     _check_fixed(m, cluster, fixed, counts)
     # A measured machine is planned in the precision it was measured in (fp32 on a CPU).
     precision = next((p for p, name in TORCH_DTYPE_NAMES.items() if name == getattr(profile, "dtype", "")), "bf16")
-    batch = LOCAL_BATCH_SEQUENCES * m.seq_len if profile is not None else DEFAULT_BATCH_TOKENS
-    # Widening passes until one finds layouts: within the default batch, then any batch, then uneven pipeline
-    # splits too (a fixed batch on a GPU count with a factor 3 needs a pipeline of 3, 6, 12, ... stages;
-    # searched only then, as they double the layouts and the time).
+    if batch_tokens is None:
+        batch_tokens = LOCAL_BATCH_SEQUENCES * m.seq_len if profile is not None else DEFAULT_BATCH_TOKENS
+    # Widening passes until one finds layouts: near the batch budget, then any batch; each first with even
+    # pipeline splits, then uneven ones too (a GPU count with a factor 3 needs a pipeline of 3, 6, 12, ...
+    # stages; searched only when needed, as they double the layouts and the time).
+    near = batch_tokens * BATCH_TOLERANCE
     layouts: list[Layout] = []
-    for limit, uneven in ((MAX_DEFAULT_BATCH_TOKENS, False), (float("inf"), False), (float("inf"), True)):
+    for limit, uneven in ((near, False), (near, True), (float("inf"), False), (float("inf"), True)):
         layouts = [layout for n in counts for layout in candidates(m, n, cluster.gpus_per_node, fixed, limit,
-                                                                   precision, batch, uneven)]
+                                                                   precision, batch_tokens, uneven)]
         if layouts:
             break
     if not layouts:
@@ -200,6 +208,10 @@ def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile:
     layer_costs: dict = {}
     predictions = [predict(m, cluster, layout, profile, layer_costs, software) for layout in layouts]
     fitting = sorted((p for p in predictions if p.fits), key=lambda p: (-p.tokens_per_s, p.memory_gib_per_gpu))
+    if fitting and limit == float("inf") and "gbs" not in fixed:
+        # No layout comes near the budget: keep the batch as near it as this cluster allows.
+        smallest = min(p.layout.gbs for p in fitting)
+        fitting = [p for p in fitting if p.layout.gbs <= smallest * BATCH_TOLERANCE]
     best_unfit = None if fitting else min(predictions, key=lambda p: p.memory_gib_per_gpu)
     return SearchResult(fitting[:top], len(layouts), best_unfit)
 

@@ -34,8 +34,26 @@ class Scenario:
     planned_per_s: float  # planned interruptions per second
     checkpoint: CheckpointCost
     restart_s: float  # reschedule, rendezvous, load and warm-up after an interruption
-    repair_s: float = 0.0  # extra wait after a hardware failure when no spare node is free
+    repair_s: float = 0.0  # time to repair a node that a hardware failure took out
     hardware_share: float = 0.0  # fraction of unexpected interruptions that take a node out
+    spare_nodes: int = 0  # idle nodes that replace a failed one at once (the GPUs the layout leaves over)
+
+    def repair_wait(self) -> tuple[float, float]:
+        """(probability, seconds) that a hardware failure waits for a repair because no spare is free.
+        Nodes in repair form an M/G/infinity queue: their number is Poisson with mean (hardware failure
+        rate) x (repair time), whatever the repair-time distribution (Palm's theorem; Kleinrock 1975,
+        Queueing Systems I, section 3.5). With S spares a failure finds none free when that number is at
+        least S; it then waits for the first of the S nodes in repair to return, repair_s / (S + 1) on
+        average for residual times spread evenly over the repair (S = 0: the whole repair)."""
+        if self.repair_s <= 0 or self.hardware_share <= 0:
+            return 0.0, 0.0
+        in_repair = self.hardware_share / self.mtti_s * self.repair_s
+        term = math.exp(-in_repair)  # P(N = 0), then P(N = k) term by term
+        below = 0.0
+        for k in range(self.spare_nodes):
+            below += term
+            term *= in_repair / (k + 1)
+        return max(0.0, 1.0 - below), self.repair_s / (self.spare_nodes + 1)
 
 
 def young_interval(block_s: float, mtti_s: float) -> float:
@@ -82,21 +100,26 @@ def _wall_for(work: np.ndarray, interval: float, block: float) -> np.ndarray:
 
 def simulate_segments(scenario: Scenario, interval_s: float, block: float, rng: np.random.Generator, trials: int,
                       segments: int) -> tuple[np.ndarray, ...]:
-    """Draw `segments` interruptions per trial: (kept, trained, gap, planned, restart) per segment."""
+    """Draw `segments` interruptions per trial: (kept, trained, gap, planned, restart, repair wait) per
+    segment. A segment is the wait for a repair (if any), then the gap to the next interruption, which
+    starts with the restart."""
     ckpt = scenario.checkpoint
     rate = 1 / scenario.mtti_s + scenario.planned_per_s
     gaps = rng.standard_exponential((trials, segments), dtype=np.float32) / np.float32(rate)
     kind = rng.random((trials, segments), dtype=np.float32)
     planned = kind < scenario.planned_per_s / rate
-    # Hardware failures (a share of the unexpected ones) wait for a repair unless a spare is free.
+    # Hardware failures (a share of the unexpected ones) wait for a repair unless a spare node is free.
     hardware = ~planned & (kind < scenario.planned_per_s / rate + (1 - scenario.planned_per_s / rate) * scenario.hardware_share)
-    restart = np.float32(scenario.restart_s + ckpt.load_s) + np.where(hardware, np.float32(scenario.repair_s), np.float32(0))
+    chance, wait = scenario.repair_wait()
+    # The wait for a repaired node comes before the restart; nothing runs to be interrupted meanwhile.
+    waits = np.where(hardware & (rng.random((trials, segments), dtype=np.float32) < chance), np.float32(wait), np.float32(0))
+    restart = np.full((trials, segments), scenario.restart_s + ckpt.load_s, dtype=np.float32)
     progress = np.maximum(gaps - restart, 0)
     trained = _trainable(progress, interval_s, block)
     # Work committed when an unexpected interruption strikes: chunk k is safe write_s after it ends.
     committed = np.floor(np.maximum(progress - (ckpt.write_s - block), 0) / (interval_s + block)) * np.float32(interval_s)
     kept = np.where(planned, trained, np.minimum(committed, trained))
-    return kept, trained, gaps, planned, restart
+    return kept, trained, gaps, planned, restart, waits
 
 
 def simulate(scenario: Scenario, interval_s: float, trials: int, seed: int, work_s: float | np.ndarray | None = None,
@@ -127,10 +150,11 @@ def simulate(scenario: Scenario, interval_s: float, trials: int, seed: int, work
         expected = float(work_s.max()) / max(float(pilot.mean()), 1e-9)
     segments = int(expected + 6 * math.sqrt(expected + 1) + 0.05 * expected) + 16
     while True:
-        kept, trained, gaps, planned, restart = simulate_segments(scenario, interval_s, block, rng, trials, segments)
+        kept, trained, gaps, planned, restart, waits = simulate_segments(scenario, interval_s, block, rng, trials, segments)
         restart[:, 0] = 0.0  # the first segment is the start of the run
+        waits[:, 0] = 0.0
         stop_cost = np.where(planned, ckpt.write_s, 0.0)  # a planned stop writes a checkpoint first
-        wall_of = gaps + stop_cost
+        wall_of = waits + gaps + stop_cost
         kept_before = np.cumsum(kept, axis=1, dtype=np.float64) - kept
         wall_before = np.cumsum(wall_of, axis=1, dtype=np.float64) - wall_of
         if work_s is not None:
@@ -144,11 +168,11 @@ def simulate(scenario: Scenario, interval_s: float, trials: int, seed: int, work
     rows = np.arange(trials)
     if work_s is not None:
         remaining = work_s - kept_before[rows, last]
-        wall = wall_before[rows, last] + restart[rows, last] + _wall_for(remaining, interval_s, block)
+        wall = wall_before[rows, last] + waits[rows, last] + restart[rows, last] + _wall_for(remaining, interval_s, block)
         work = work_s.copy()
     else:
         into = horizon_s - wall_before[rows, last]
-        partial = _trainable(np.maximum(into - restart[rows, last], 0.0), interval_s, block)
+        partial = _trainable(np.maximum(into - waits[rows, last] - restart[rows, last], 0.0), interval_s, block)
         work = kept_before[rows, last] + partial
         wall = np.full(trials, horizon_s)
     index = np.arange(segments)[None, :]
@@ -156,7 +180,7 @@ def simulate(scenario: Scenario, interval_s: float, trials: int, seed: int, work
     unexpected = (before & ~planned).sum(axis=1)
     planned_count = (before & planned).sum(axis=1)
     lost = np.where(before, trained - kept, 0.0).sum(axis=1)
-    restarts = np.where(index <= last[:, None], np.minimum(restart, gaps), 0.0).sum(axis=1)
+    restarts = np.where(index <= last[:, None], waits + np.minimum(restart, gaps), 0.0).sum(axis=1)
     return Outcome(wall, work, unexpected.astype(float), planned_count.astype(float), lost, restarts)
 
 

@@ -94,7 +94,8 @@ def plan_phase(model: ModelConfig, cluster: Cluster, options: SimulationOptions)
     checkpoint = CheckpointCost(block_s=block_s, write_s=write_s, load_s=write_s)
     scenario = Scenario(mtti_s=failures.mtti_s(cluster.n_gpus, cluster.gpus_per_node),
                         planned_per_s=failures.planned_per_day / 86400, checkpoint=checkpoint, restart_s=options.restart_s,
-                        repair_s=options.repair_hours * 3600, hardware_share=failures.hardware_share(cluster.n_gpus, cluster.gpus_per_node))
+                        repair_s=options.repair_hours * 3600, hardware_share=failures.hardware_share(cluster.n_gpus, cluster.gpus_per_node),
+                        spare_nodes=(cluster.n_gpus - best.layout.world_size) // cluster.gpus_per_node)
     return Phase(cluster, best, scenario, failures.unexpected_per_day(cluster.n_gpus, cluster.gpus_per_node))
 
 
@@ -163,6 +164,11 @@ def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[P
         "young_interval_s": young_interval(block, scenario.mtti_s),
         "daly_interval_s": daly_interval(block, scenario.mtti_s),
         "restart_s": scenario.restart_s + scenario.checkpoint.load_s,
+        "gpus_used": first.prediction.layout.world_size,
+        "spare_nodes": scenario.spare_nodes,
+        "repair_hours": options.repair_hours,
+        "repair_wait_chance": scenario.repair_wait()[0],  # a hardware failure finds no spare free
+        "repair_wait_s": scenario.repair_wait()[1],
         "goodput": float(np.mean(work / wall)),
         "goodput_p10": float(np.percentile(work / wall, 10)),
         "lost_training_hours": float(sum(o.lost_s for _, o, _ in phases).mean() / 3600),
@@ -195,6 +201,10 @@ def print_simulation(report: dict) -> None:
     print(f"checkpoint ({r['checkpoint_mode']}): blocks {r['checkpoint_block_s']:.1f} s, written in {r['checkpoint_write_s']:.0f} s; "
           f"every {r['checkpoint_interval_s'] / 60:.1f} min (Young {r['young_interval_s'] / 60:.1f}, Daly {r['daly_interval_s'] / 60:.1f}); "
           f"restart {r['restart_s'] / 60:.1f} min")
+    if r["repair_hours"] > 0:
+        print(f"spares: {r['spare_nodes']:,} nodes beside the {r['gpus_used']:,} GPUs training; a hardware failure finds "
+              f"none free {r['repair_wait_chance']:.1%} of the time and then waits {r['repair_wait_s'] / 3600:.1f} h "
+              f"(repair {r['repair_hours']:g} h)")
     print(f"goodput {r['goodput']:.1%} (p10 {r['goodput_p10']:.1%}); lost {r['lost_training_hours']:,.0f} h of training, "
           f"{r['restart_hours']:,.0f} h restarting")
     print(f"wall clock: {r['days_p50']:.1f} days p50, {r['days_p90']:.1f} p90; energy {r['energy_mwh']:,.0f} MWh; "
