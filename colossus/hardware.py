@@ -23,6 +23,9 @@ class GPU:
     hbm_tb_s: float  # memory bandwidth
     nvlink_gb_s: float  # NVLink bandwidth per GPU, bidirectional (datasheet convention)
     tdp_w: float  # board power limit
+    sms: int = 0  # streaming multiprocessors, for GEMM wave quantisation (0: unknown, not modelled)
+    arch: str = ""  # ampere, hopper or blackwell: which fitted large-GEMM efficiency applies
+
 
     def peak_flops(self, precision: str) -> float:
         """Dense tensor-core peak in FLOP/s for "bf16" or "fp8" matmuls."""
@@ -36,18 +39,21 @@ class GPU:
         return self.bf16_tflops * 1e12
 
 
+# SM counts: A100 108 (A100 whitepaper, 2020), H100 SXM5 132 and PCIe 114 (H100 whitepaper, 2022; the NVL
+# part is the SXM die), H200 and H800 the H100 SXM5 die (132), B200 148 (two dies of 74; Blackwell
+# architecture technical brief, 2024).
 GPUS: dict[str, GPU] = {
-    "a100-40gb": GPU("A100 SXM 40GB", 312, 0, 40, 1.56, 600, 400),
-    "a100-80gb": GPU("A100 SXM 80GB", 312, 0, 80, 2.04, 600, 400),
-    "a100-pcie-40gb": GPU("A100 PCIe 40GB", 312, 0, 40, 1.555, 600, 250),  # NVLink bridge; A100 PCIe product brief
-    "a100-pcie-80gb": GPU("A100 PCIe 80GB", 312, 0, 80, 1.935, 600, 300),
-    "h100-sxm": GPU("H100 SXM5", 989, 1979, 80, 3.35, 900, 700),
-    "h100-pcie": GPU("H100 PCIe", 756, 1513, 80, 2.0, 600, 350),  # H100 datasheet (2022), PCIe column
-    "h100-nvl": GPU("H100 NVL", 835, 1671, 94, 3.9, 600, 400),  # H100 datasheet (2023), NVL column
-    "h200-sxm": GPU("H200 SXM", 989, 1979, 141, 4.8, 900, 700),
-    "h200-nvl": GPU("H200 NVL", 835, 1671, 141, 4.8, 900, 600),  # H200 datasheet (2024), NVL column (2/4-way bridge)
-    "h800-sxm": GPU("H800 SXM", 989, 1979, 80, 3.35, 400, 700),
-    "b200": GPU("B200", 2250, 4500, 192, 8.0, 1800, 1000),
+    "a100-40gb": GPU("A100 SXM 40GB", 312, 0, 40, 1.56, 600, 400, 108, "ampere"),
+    "a100-80gb": GPU("A100 SXM 80GB", 312, 0, 80, 2.04, 600, 400, 108, "ampere"),
+    "a100-pcie-40gb": GPU("A100 PCIe 40GB", 312, 0, 40, 1.555, 600, 250, 108, "ampere"),  # NVLink bridge; A100 PCIe product brief
+    "a100-pcie-80gb": GPU("A100 PCIe 80GB", 312, 0, 80, 1.935, 600, 300, 108, "ampere"),
+    "h100-sxm": GPU("H100 SXM5", 989, 1979, 80, 3.35, 900, 700, 132, "hopper"),
+    "h100-pcie": GPU("H100 PCIe", 756, 1513, 80, 2.0, 600, 350, 114, "hopper"),  # H100 datasheet (2022), PCIe column
+    "h100-nvl": GPU("H100 NVL", 835, 1671, 94, 3.9, 600, 400, 132, "hopper"),  # H100 datasheet (2023), NVL column
+    "h200-sxm": GPU("H200 SXM", 989, 1979, 141, 4.8, 900, 700, 132, "hopper"),
+    "h200-nvl": GPU("H200 NVL", 835, 1671, 141, 4.8, 900, 600, 132, "hopper"),  # H200 datasheet (2024), NVL column (2/4-way bridge)
+    "h800-sxm": GPU("H800 SXM", 989, 1979, 80, 3.35, 400, 700, 132, "hopper"),
+    "b200": GPU("B200", 2250, 4500, 192, 8.0, 1800, 1000, 148, "blackwell"),
 }
 
 
@@ -70,15 +76,14 @@ NICS: dict[str, NIC] = {
 NVLINK_EFFICIENCY = 0.82
 NIC_EFFICIENCY = 0.92
 
-# Fraction of the dense peak that large BF16 GEMMs reach with cuBLAS; smaller matrices reach less
-# (see costmodel.gemm_efficiency). Calibrated on the published Megatron-LM runs (A100: HFU 44-52%
-# with all communication and pipeline bubbles, Narayanan et al. 2021, Table 1), and on H100 from the
-# same kernels' ~75% of peak at large sizes (the planner's validation table in the README).
-GEMM_EFFICIENCY = {"a100-40gb": 0.74, "a100-80gb": 0.74, "a100-pcie-40gb": 0.74, "a100-pcie-80gb": 0.74,
-                   "h100-sxm": 0.64, "h100-pcie": 0.64, "h100-nvl": 0.64, "h200-sxm": 0.64, "h200-nvl": 0.64,
-                   "h800-sxm": 0.64,
-                   "b200": 0.70}
-DEFAULT_GEMM_EFFICIENCY = 0.72
+# Fraction of the dense peak that large GEMMs reach, per architecture: the one figure of a GEMM no
+# datasheet gives. Everything smaller is a mechanism (costmodel.gemm_efficiency: tile and wave
+# quantisation over the SMs). Fitted on the published runs of each architecture
+# (`python -m colossus.plan.validation --fit` prints the fit; tests/test_plan.py holds these to it).
+# Blackwell has no published run in the table yet: it takes Hopper's figure, an assumption.
+GEMM_EFFICIENCY = {"ampere": 0.70, "hopper": 0.64}
+GEMM_EFFICIENCY["blackwell"] = GEMM_EFFICIENCY["hopper"]
+DEFAULT_GEMM_EFFICIENCY = 0.72  # a GPU table without arch
 
 # Substrings of torch.cuda.get_device_name() -> catalog key, most specific first.
 # torch reports e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200'
@@ -101,9 +106,10 @@ def gpu_key(gpu: GPU) -> str | None:
     return next((key for key, known in GPUS.items() if known == gpu), None)
 
 
-def gemm_peak_efficiency(gpu: GPU) -> float:
-    key = gpu_key(gpu)
-    return GEMM_EFFICIENCY.get(key, DEFAULT_GEMM_EFFICIENCY) if key else DEFAULT_GEMM_EFFICIENCY
+def gemm_peak_efficiency(gpu: GPU, fitted: dict[str, float] | None = None) -> float:
+    """The large-GEMM fraction of peak for this GPU's architecture (from `fitted` where given: a refit)."""
+    table = GEMM_EFFICIENCY if fitted is None else {**GEMM_EFFICIENCY, **fitted}
+    return table.get(gpu.arch, DEFAULT_GEMM_EFFICIENCY)
 
 
 def get_gpu(spec: str | dict, where: str) -> GPU:
@@ -117,13 +123,18 @@ def get_gpu(spec: str | dict, where: str) -> GPU:
         raise UserError(f"{where}: gpu must be a catalog name or a table, got {spec!r}")
     names = [f.name for f in fields(GPU)]
     unknown = sorted(set(spec) - set(names))
-    missing = [n for n in names if n not in spec and n != "fp8_tflops"]
+    optional = {"fp8_tflops": 0.0, "sms": 0, "arch": ""}
+    missing = [n for n in names if n not in spec and n not in optional]
     if unknown or missing:
         raise UserError(f"{where}: [cluster.gpu] " + (f"has unknown keys {', '.join(unknown)}" if unknown else
                         f"is missing {', '.join(missing)}") + f"; its keys are {', '.join(names)}")
-    values = {"fp8_tflops": 0.0, **spec}
-    for name in names[1:]:
+    values = {**optional, **spec}
+    if values["arch"] not in ("", *GEMM_EFFICIENCY):
+        raise UserError(f"{where}: gpu.arch must be one of {', '.join(GEMM_EFFICIENCY)}, got {values['arch']!r}")
+    numbers = [n for n in names[1:] if n != "arch"]
+    for name in numbers:
         value = values[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and name != "fp8_tflops"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and name not in optional):
             raise UserError(f"{where}: gpu.{name} must be a positive number, got {value!r}")
-    return GPU(str(values["name"]), *(float(values[n]) for n in names[1:]))
+    return GPU(str(values["name"]), *(float(values[n]) for n in numbers if n != "sms"), int(values["sms"]),
+               str(values["arch"]))

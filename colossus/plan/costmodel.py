@@ -46,26 +46,71 @@ class Prediction:
 
 # ------------------------------------------------------------------------------------ compute
 
-# Matrix dimension at which a GEMM reaches half its large-size efficiency along that dimension:
-# tiles of 128-256 leave small matrices under-filled (NVIDIA "Matrix Multiplication Background"
-# guide, tile and wave quantization). Fitted with GEMM_EFFICIENCY on the published runs.
-GEMM_HALF_DIM = 48.0
+# GEMM tiles: CUTLASS's and cuBLAS's large bf16 kernels on Ampere and Hopper compute 128 x 256 output
+# tiles, one per SM at a time (NVIDIA "Matrix Multiplication Background" user's guide, sections on tile
+# and wave quantization). A GEMM whose sides are not multiples of the tile computes the padding, and
+# one whose tile count is not a multiple of the SM count leaves SMs idle in its last wave.
+TILE_M, TILE_N = 128, 256
+# Each tile first fills its software pipeline before the first MMA, and then writes its result: about one
+# 64-deep k-block of the inner loop (CUTLASS's Hopper mainloop stage) that does no math. A k much longer
+# than that hides it.
+TILE_FILL_K = 64.0
 
 
-def gemm_efficiency(gpu: GPU, m: float, n: float, k: float) -> float:
-    """Achievable fraction of peak for an m x k by k x n GEMM: the large-size efficiency, reduced by
-    a saturating factor per dimension."""
-    saturation = (m / (m + GEMM_HALF_DIM)) * (n / (n + GEMM_HALF_DIM)) * (k / (k + GEMM_HALF_DIM))
-    return gemm_peak_efficiency(gpu) * saturation
+def wave_fill(gpu: GPU, tiles: float) -> float:
+    """Share of the SMs' time a kernel of `tiles` equal tiles keeps busy: its last wave may be partial."""
+    tiles = math.ceil(tiles)
+    return tiles / (math.ceil(tiles / gpu.sms) * gpu.sms) if gpu.sms else 1.0
 
 
-def gemm_time(gpu: GPU, m: float, n: float, k: float, precision: str) -> float:
+def gemm_efficiency(gpu: GPU, m: float, n: float, k: float, fitted: dict[str, float] | None = None,
+                    batch: float = 1) -> float:
+    """Achievable fraction of peak for `batch` m x k by k x n GEMMs: the architecture's large-GEMM
+    efficiency (fitted), times the useful share of the padded tiles, of the waves over the SMs and of
+    each tile's k-loop. The output may be tiled either way round, and a side narrower than the tile gets
+    a narrower one (the libraries hold 128 x 64 and 128 x 128 kernels for them); the better one counts."""
+    def fill(rows: float, cols: float) -> float:
+        tile_n = min(TILE_N, max(64, 2 ** math.ceil(math.log2(max(cols, 1)))))
+        tiles_m, tiles_n = math.ceil(rows / TILE_M), math.ceil(cols / tile_n)
+        padding = rows * cols / (tiles_m * TILE_M * tiles_n * tile_n)
+        return padding * wave_fill(gpu, batch * tiles_m * tiles_n)
+
+    return gemm_peak_efficiency(gpu, fitted) * max(fill(m, n), fill(n, m)) * k / (k + TILE_FILL_K)
+
+
+def gemm_time(gpu: GPU, m: float, n: float, k: float, precision: str, fitted: dict[str, float] | None = None,
+              batch: float = 1) -> float:
     """Roofline of one GEMM: the slower of its FLOPs at the achievable rate and its bytes (bf16
-    operands and result, fp8 inputs) at HBM bandwidth (Williams et al. 2009, Roofline)."""
-    flops_time = 2.0 * m * n * k / (gpu.peak_flops(precision) * gemm_efficiency(gpu, m, n, k))
+    operands and result, fp8 inputs) at HBM bandwidth (Williams et al. 2009, Roofline). An fp8 GEMM
+    first scales and casts its bf16 operands: a read for the scale (amax), a read and a one-byte write
+    for the cast, memory-bound (Micikevicius et al. 2022, FP8 formats; Transformer Engine's current
+    scaling)."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    flops_time = 2.0 * batch * m * n * k / (gpu.peak_flops(precision) * gemm_efficiency(gpu, m, n, k, fitted, batch))
     operand_bytes = 1 if precision == "fp8" else 2
-    bytes_time = (operand_bytes * (m * k + k * n) + 2 * m * n) / (gpu.hbm_tb_s * 1e12)
-    return max(flops_time, bytes_time)
+    bytes_time = batch * (operand_bytes * (m * k + k * n) + 2 * m * n) / (gpu.hbm_tb_s * 1e12)
+    cast_time = batch * (2 + 2 + 1) * (m * k + k * n) / (gpu.hbm_tb_s * 1e12) if precision == "fp8" else 0.0
+    return max(flops_time, bytes_time) + cast_time
+
+
+# FlashAttention computes each head's scores in 128-row query blocks, one thread block each, and never
+# writes them (Dao 2023, FlashAttention-2, section 3.2); a causal mask skips the blocks above the
+# diagonal. Its backward runs five matmuls to the forward's two (it recomputes the scores: section 3.1.2).
+FLASH_BLOCK = 128
+FLASH_BACKWARD_RATIO = 5 / 2
+
+
+def flash_attention_time(gpu: GPU, batch_heads: float, rows: float, cols: float, head_dim: float, precision: str,
+                         fitted: dict[str, float] | None = None) -> float:
+    """Forward of fused causal attention: `batch_heads` heads of `rows` queries over `cols` keys (a
+    context-parallel rank's queries see every key), at the large-GEMM rate over the blocks' waves."""
+    blocks = batch_heads * math.ceil(rows / FLASH_BLOCK)
+    key_blocks = math.ceil(cols / FLASH_BLOCK)
+    causal = (key_blocks + 1) / (2 * key_blocks)  # the share of score blocks at or below the diagonal
+    flops = 4.0 * batch_heads * rows * cols * head_dim * causal
+    precision = "bf16" if precision == "fp8" else precision  # attention stays bf16 in fp8 training recipes
+    return flops / (gpu.peak_flops(precision) * gemm_peak_efficiency(gpu, fitted) * wave_fill(gpu, blocks))
 
 
 # Elementwise traffic per stored activation byte over forward + backward: written and read once in
@@ -91,6 +136,15 @@ class Software:
     # A gradient buffer that lives through the whole step (Megatron-LM); False: gradients are created by
     # the backward and freed by zero_grad(set_to_none=True), as in plain PyTorch and FSDP2.
     persistent_grads: bool = True
+    # Sequence-parallel all-gathers and reduce-scatters split into chunks, each moved while the GEMM on
+    # the previous one runs (Transformer Engine's userbuffers; Wang et al. 2023, "Overlap communication
+    # with dependent computation via decomposition", ASPLOS): only what outlasts the layer's GEMMs waits.
+    # Off by default: Colossus's trainer (DTensor) does not overlap them.
+    overlap_tp_comm: bool = False
+    # Tensor parallelism splits the norms, dropout and residuals over the sequence too (Korthikanti et al.
+    # 2022, section 4.2.2; Colossus always does). False: Megatron-LM before 2022, where each tp rank
+    # repeats them on the whole sequence.
+    sequence_parallel: bool = True
 
 
 def eager_cpu_software(m: ModelConfig) -> Software:
@@ -117,11 +171,12 @@ class Machine:
     gpus_per_node: int
     nic_gbps: float
     profile: object | None = None
+    fitted: dict[str, float] | None = None  # large-GEMM efficiencies by architecture, refit (validation)
 
     def gemm(self, m: float, n: float, k: float, precision: str) -> float:
         if self.profile is not None:
             return self.profile.matmul_time(int(m), int(n), int(k))
-        return gemm_time(self.gpu, m, n, k, precision)
+        return gemm_time(self.gpu, m, n, k, precision, self.fitted)
 
     def memory_time(self, nbytes: float) -> float:
         if self.profile is not None:
@@ -176,6 +231,7 @@ class LayerCost:
 
     forward_gemm: float  # projections and FFN/experts
     attention_core: float  # QK^T and AV GEMMs (forward)
+    attention_backward: float  # their gradients
     score_forward: float  # unfused attention only: memory traffic over the T x T scores, forward
     score_backward: float  # and backward
     elementwise: float  # forward + backward memory-bound work
@@ -202,8 +258,17 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
     else:
         forward += ffn_in * gemm(tokens, m.ffn_dim / tp, d) + gemm(tokens, d, m.ffn_dim / tp)
     # Scores and values per head and sequence: (T/cp x Q) by (Q x T), then (T/cp x T) by (T x Q).
-    per_head = gemm(seq / cp, seq, q) + gemm(seq / cp, q, seq)
-    attention = mbs * heads * per_head
+    if machine.profile is not None:
+        attention = mbs * heads * (gemm(seq / cp, seq, q) + gemm(seq / cp, q, seq))
+        attention_backward = 2 * attention
+    elif software.fused_attention:
+        attention = flash_attention_time(machine.gpu, mbs * heads, seq / cp, seq, q, precision, machine.fitted)
+        attention_backward = FLASH_BACKWARD_RATIO * attention
+    else:  # batched GEMMs over every head, full T x T scores (the mask applied afterwards)
+        batched = lambda rows, cols, inner: gemm_time(machine.gpu, rows, cols, inner, "bf16", machine.fitted,  # noqa: E731
+                                                      mbs * heads)
+        attention = batched(seq / cp, seq, q) + batched(seq / cp, q, seq)
+        attention_backward = 2 * attention
     element_bytes = modelmath.ACTIVATION_ELEMENT_BYTES[precision]
     score_forward = score_backward = 0.0
     measured_pointwise = machine.profile is not None and getattr(machine.profile, "pointwise_elements_per_s", 0) > 0
@@ -219,7 +284,9 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
         ops = OPS_PER_MOE_LAYER if m.is_moe else OPS_PER_DENSE_LAYER
         elementwise = 3 * elements / machine.profile.pointwise_elements_per_s + ops * machine.profile.autograd_op_s
     else:
-        elementwise = machine.memory_time(ELEMENTWISE_PASSES * stored)
+        elementwise = machine.memory_time(ELEMENTWISE_PASSES * (stored + unsplit_bytes(m, tokens, tp, element_bytes, software)))
+        if m.is_moe:
+            elementwise += machine.memory_time(moe_routing_bytes(m, tokens / tp, element_bytes))
         if machine.profile is not None:
             elementwise += (OPS_PER_MOE_LAYER if m.is_moe else OPS_PER_DENSE_LAYER) * machine.profile.op_overhead_s
     inside_tp = tp <= machine.gpus_per_node
@@ -235,7 +302,43 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
     # section 3.3.2): each rank gathers the other ranks' keys and values before its attention, and the
     # backward reduce-scatters their gradients; attention waits for the gather.
     cp_comm = 2 * (cp - 1) * kv_bytes / machine.link_bytes_per_s(inside_cp) if cp > 1 else 0.0
-    return LayerCost(forward, attention, score_forward, score_backward, elementwise, tp_comm, ep_comm, cp_comm)
+    return LayerCost(forward, attention, attention_backward, score_forward, score_backward, elementwise, tp_comm, ep_comm, cp_comm)
+
+
+def unsplit_bytes(m: ModelConfig, tokens: float, tp: int, element_bytes: float, software: Software) -> float:
+    """Activation bytes of one layer that every tp rank holds whole without sequence parallelism: 10 sbh of
+    Korthikanti et al.'s sbh(10 + 24/t + 5as/ht) (eq. 2; with it, all 34 sbh are split over t), for
+    2-byte elements."""
+    if software.sequence_parallel or tp == 1:
+        return 0.0
+    return 10 * m.d_model * tokens * (1 - 1 / tp) * element_bytes / 2
+
+
+# An MoE layer's memory-bound work besides its GEMMs, forward: the router's fp32 logits written, then
+# read and written by the softmax and read by the top-k (4 passes over tokens x experts); the permutation
+# of each token's k copies into expert order (read and write) and back (read and write), and the
+# gate-weighted combine (read the k copies, write the token). The backward moves the same bytes twice
+# (the gradients of inputs and outputs). (Megatron-Core's moe_utils permute/unpermute do exactly these
+# gathers and scatters; Liu et al. 2025, MoE Parallel Folding, section 3.3 lists them as the dispatcher's
+# cost beside the all-to-all.)
+ROUTER_PASSES = 4
+PERMUTE_PASSES = 5  # permute read + write, unpermute read + write, combine read (the write is per token)
+
+
+def moe_routing_bytes(m: ModelConfig, tokens: float, element_bytes: float) -> float:
+    """Bytes an MoE layer's router, permutation and combine move over forward + backward, for `tokens`."""
+    router = ROUTER_PASSES * tokens * m.n_experts * 4
+    permute = (PERMUTE_PASSES * m.top_k + 1) * tokens * m.d_model * element_bytes
+    return 3 * (router + permute)
+
+
+# The loss over the vocabulary, memory-bound: a fused cross-entropy reads the bf16 logits for their
+# log-sum-exp, and in the backward reads them again and writes their gradient (Megatron-LM's
+# vocab-parallel cross-entropy); eager PyTorch first casts them to fp32 (write), and log-softmax reads and
+# writes fp32, its backward reads two fp32 tensors and writes one, then the cast back (Korthikanti et al.
+# 2022, section 4.1, count the fp32 logits the same way).
+CROSS_ENTROPY_BYTES_FUSED = 2 + 2 + 2
+CROSS_ENTROPY_BYTES_EAGER = 4 + 4 + 4 + 3 * 4 + 2
 
 
 # Eager ops (top-level aten calls) of one forward + backward of our own block (models/grok.py), for
@@ -343,7 +446,8 @@ def memory_breakdown(m: ModelConfig, layout: Layout, software: Software = Softwa
     tokens = layout.mbs * m.seq_len / layout.cp
     layers = max(share.blocks for _, share in distinct_shares(layout, m.n_layers))
     stored = lambda recompute: modelmath.activation_bytes_per_token(  # noqa: E731
-        m, recompute, element_bytes, software.fused_elementwise, software.fused_attention) * tokens / layout.tp
+        m, recompute, element_bytes, software.fused_elementwise, software.fused_attention) * tokens / layout.tp + (
+        unsplit_bytes(m, tokens, layout.tp, element_bytes, software) if recompute != "full" else 0.0)
     # 1F1B keeps pp micro-batches in flight on the first stage; interleaving adds (pp-1)/(pp*vpp)
     # (Korthikanti et al. 2022, section 4.2.3).
     in_flight = min(layout.pp, layout.micro_batches)
@@ -396,10 +500,11 @@ def pipeline_bubble(layout: Layout, micro: float, forward: float, weight_gradien
 
 
 def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | None = None,
-            layer_costs: dict | None = None, software: Software = Software()) -> Prediction:
+            layer_costs: dict | None = None, software: Software = Software(),
+            fitted: dict[str, float] | None = None) -> Prediction:
     """Step time, throughput, MFU and memory of one layout. `layer_costs` memoises the per-layer
     costs across the layouts of one search (they depend only on tp, cp, ep, mbs and precision)."""
-    machine = Machine(cluster.gpu, cluster.gpus_per_node, cluster.nic_gbps, profile)
+    machine = Machine(cluster.gpu, cluster.gpus_per_node, cluster.nic_gbps, profile, fitted)
     key = (layout.tp, layout.cp, layout.ep, layout.mbs, layout.precision)
     layer = layer_costs.get(key) if layer_costs is not None else None
     if layer is None:
@@ -413,11 +518,14 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     recompute_extra = fraction * {"none": 0.0, "selective": attention_forward,
                                   "full": layer.forward_gemm + attention_forward + layer.elementwise / 3}[layout.recompute]
     # Backward GEMMs: two per forward one (input and weight gradients; Kaplan et al. 2020, section 2.1).
-    compute_layer = (3 * (layer.forward_gemm + layer.attention_core) + layer.score_forward + layer.score_backward
+    compute_layer = (3 * layer.forward_gemm + layer.attention_core + layer.attention_backward
+                     + layer.score_forward + layer.score_backward
                      + recompute_extra + layer.elementwise)
     # Recomputing a layer under sequence parallelism repeats its forward all-gathers (Korthikanti 4.2.2).
     repeated = 1.0 + (0.5 * fraction if layout.recompute == "full" else 0.0)
     tp_layer = layer.tp_comm * repeated
+    if software.overlap_tp_comm:
+        tp_layer = max(0.0, tp_layer - 3 * layer.forward_gemm)
     ep_layer = layer.ep_comm * repeated
     # a recomputed attention core gathers its keys and values again
     cp_exposed = layer.cp_comm * (1.0 + (0.5 * fraction if layout.recompute != "none" else 0.0))
@@ -427,6 +535,9 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     tokens_micro = layout.mbs * m.seq_len / layout.cp
     # The last stage also computes the logits and the loss: its GEMM forward + backward.
     logits = 3 * machine.gemm(tokens_micro, m.vocab_size / layout.tp, m.d_model, layout.precision)
+    if profile is None:
+        loss_bytes = CROSS_ENTROPY_BYTES_FUSED if software.fused_elementwise else CROSS_ENTROPY_BYTES_EAGER
+        logits += machine.memory_time(loss_bytes * tokens_micro * m.vocab_size / layout.tp)
     if profile is not None and getattr(profile, "autograd_op_s", 0) > 0:
         logits += OPS_PER_MICRO_BATCH * profile.autograd_op_s  # embedding, final norm, loss: per-op costs
     # Each pipeline rank's work per micro-batch (its stages' blocks; the head on the last stage's rank):

@@ -68,6 +68,7 @@ class SearchResult:
     ranked: list[Prediction]  # fitting layouts, fastest first
     considered: int
     best_unfit: Prediction | None  # the least memory-hungry layout, when none fits
+    fastest_unfit: Prediction | None = None  # and the fastest (search(keep_unfit=True))
 
 
 def _smooth_sizes(limit: int) -> list[int]:
@@ -181,7 +182,8 @@ def gpu_counts(n_gpus: int, gpus_per_node: int) -> list[int]:
 
 
 def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile: object | None = None,
-           software: Software = Software(), spares: bool = True, batch_tokens: float | None = None) -> SearchResult:
+           software: Software = Software(), spares: bool = True, batch_tokens: float | None = None,
+           fitted: dict[str, float] | None = None, keep_unfit: bool = False) -> SearchResult:
     """Rank every layout of `m` on `cluster` that fits; with `spares`, layouts on slightly fewer GPUs
     too (gpu_counts), the rest kept as hot spares. Without a fixed gbs the batch is held near
     `batch_tokens` (default: DEFAULT_BATCH_TOKENS, or LOCAL_BATCH_SEQUENCES on a measured machine)."""
@@ -206,14 +208,15 @@ def search(m: ModelConfig, cluster: Cluster, fixed: dict, top: int = 5, profile:
     if not layouts:
         raise UserError(_why_no_layout(m, cluster, fixed))
     layer_costs: dict = {}
-    predictions = [predict(m, cluster, layout, profile, layer_costs, software) for layout in layouts]
+    predictions = [predict(m, cluster, layout, profile, layer_costs, software, fitted) for layout in layouts]
     fitting = sorted((p for p in predictions if p.fits), key=lambda p: (-p.tokens_per_s, p.memory_gib_per_gpu))
     if fitting and limit == float("inf") and "gbs" not in fixed:
         # No layout comes near the budget: keep the batch as near it as this cluster allows.
         smallest = min(p.layout.gbs for p in fitting)
         fitting = [p for p in fitting if p.layout.gbs <= smallest * BATCH_TOLERANCE]
     best_unfit = None if fitting else min(predictions, key=lambda p: p.memory_gib_per_gpu)
-    return SearchResult(fitting[:top], len(layouts), best_unfit)
+    fastest_unfit = max(predictions, key=lambda p: p.tokens_per_s) if keep_unfit and not fitting else None
+    return SearchResult(fitting[:top], len(layouts), best_unfit, fastest_unfit)
 
 
 def _check_fixed(m: ModelConfig, cluster: Cluster, fixed: dict, counts: list[int]) -> None:
