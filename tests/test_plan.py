@@ -61,7 +61,7 @@ def test_left_out_sources_and_the_shipped_constants_are_the_fit(validator: Valid
     assert validator.fit(validator.rows) == {arch: GEMM_EFFICIENCY[arch] for arch in ("ampere", "hopper")}
     left = validator.left_out()
     assert {c.name for c, _ in left} == {row["name"] for row in validator.rows}
-    assert statistics.median(abs(c.error) for c, _ in left) <= 0.105
+    assert statistics.median(abs(c.error) for c, _ in left) <= 0.10
     sources = {source_of(row) for row in validator.rows}
     assert len(sources) >= 10  # a refit without one source still has the others
 
@@ -89,13 +89,13 @@ def test_h200_measurements_are_predicted() -> None:
 
 def test_gemm_tiles_waves_and_flash_attention() -> None:
     """The GEMM model's mechanisms: a GEMM one tile wider than the SMs hold runs a second, nearly empty
-    wave (about half the rate); a side that is not a multiple of the tile pays for the padding; a short
+    wave, or smaller tiles in three fuller ones (the library picks the better); a side that is not a multiple of the tile pays for the padding; a short
     inner dimension pays each tile's pipeline fill. Causal FlashAttention computes half the scores' blocks
     (and the diagonal), its backward 2.5x its forward; fp8 GEMMs pay for casting their operands."""
     h100 = GPUS["h100-sxm"]
     full = gemm_efficiency(h100, 128 * 132, 256, 8192)  # 132 tiles: one wave
-    spill = gemm_efficiency(h100, 128 * 133, 256, 8192)  # 133 tiles: two waves
-    assert spill == pytest.approx(full * 133 / 264, rel=1e-6)
+    spill = gemm_efficiency(h100, 128 * 133, 256, 8192)  # 133 tiles: two waves, or 266 half tiles: three
+    assert spill == pytest.approx(full * max(133 / 264, 266 / 396), rel=1e-6)
     assert gemm_efficiency(h100, 128 * 132, 200, 8192) == pytest.approx(full * 200 / 256, rel=1e-6)
     assert gemm_efficiency(h100, 128 * 132, 256, 64) == pytest.approx(full * 0.5 * (8192 + 64) / 8192, rel=1e-6)
     assert full < GEMM_EFFICIENCY["hopper"]

@@ -46,11 +46,12 @@ class Prediction:
 
 # ------------------------------------------------------------------------------------ compute
 
-# GEMM tiles: CUTLASS's and cuBLAS's large bf16 kernels on Ampere and Hopper compute 128 x 256 output
-# tiles, one per SM at a time (NVIDIA "Matrix Multiplication Background" user's guide, sections on tile
-# and wave quantization). A GEMM whose sides are not multiples of the tile computes the padding, and
-# one whose tile count is not a multiple of the SM count leaves SMs idle in its last wave.
-TILE_M, TILE_N = 128, 256
+# GEMM tiles: CUTLASS's and cuBLAS's bf16 kernels on Ampere and Hopper compute 128 x 256 or 128 x 128
+# output tiles, one per SM at a time, and the library's heuristic picks the one that wastes least (NVIDIA
+# "Matrix Multiplication Background" user's guide, sections on tile and wave quantization). A GEMM whose
+# sides are not multiples of the tile computes the padding, and one whose tile count is not a multiple
+# of the SM count leaves SMs idle in its last wave.
+TILES = ((128, 256), (128, 128))
 # Each tile first fills its software pipeline before the first MMA, and then writes its result: about one
 # 64-deep k-block of the inner loop (CUTLASS's Hopper mainloop stage) that does no math. A k much longer
 # than that hides it.
@@ -67,15 +68,16 @@ def gemm_efficiency(gpu: GPU, m: float, n: float, k: float, fitted: dict[str, fl
                     batch: float = 1) -> float:
     """Achievable fraction of peak for `batch` m x k by k x n GEMMs: the architecture's large-GEMM
     efficiency (fitted), times the useful share of the padded tiles, of the waves over the SMs and of
-    each tile's k-loop. The output may be tiled either way round, and a side narrower than the tile gets
-    a narrower one (the libraries hold 128 x 64 and 128 x 128 kernels for them); the better one counts."""
-    def fill(rows: float, cols: float) -> float:
-        tile_n = min(TILE_N, max(64, 2 ** math.ceil(math.log2(max(cols, 1)))))
-        tiles_m, tiles_n = math.ceil(rows / TILE_M), math.ceil(cols / tile_n)
-        padding = rows * cols / (tiles_m * TILE_M * tiles_n * tile_n)
+    each tile's k-loop. The output may be tiled either way round, by either tile, and a side narrower than
+    the tile gets a narrower one (the libraries hold 128 x 64 kernels for them); the best one counts."""
+    def fill(rows: float, cols: float, tile_m: int, tile_n: int) -> float:
+        tile_n = min(tile_n, max(64, 2 ** math.ceil(math.log2(max(cols, 1)))))
+        tiles_m, tiles_n = math.ceil(rows / tile_m), math.ceil(cols / tile_n)
+        padding = rows * cols / (tiles_m * tile_m * tiles_n * tile_n)
         return padding * wave_fill(gpu, batch * tiles_m * tiles_n)
 
-    return gemm_peak_efficiency(gpu, fitted) * max(fill(m, n), fill(n, m)) * k / (k + TILE_FILL_K)
+    best = max(fill(a, b, *tile) for a, b in ((m, n), (n, m)) for tile in TILES)
+    return gemm_peak_efficiency(gpu, fitted) * best * k / (k + TILE_FILL_K)
 
 
 def gemm_time(gpu: GPU, m: float, n: float, k: float, precision: str, fitted: dict[str, float] | None = None,
