@@ -72,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
                                              "expert load, interruptions and restarts, the compute ledger and the "
                                              "regulatory thresholds (report.md, report.html and PNG figures in the folder).")
     report.add_argument("run", metavar="RUN", help="a run folder written by `colossus train`")
+    generate = commands.add_parser(
+        "generate", help="continue a prompt with a trained run's newest checkpoint",
+        description="Print the prompt and its continuation, sampled from the run's newest intact checkpoint "
+                    "with a KV cache (its model and tokenizer come from the run's config.toml).",
+        epilog="examples:\n  colossus generate runs/tiny --prompt \"def \" --max-new-tokens 200\n"
+               "  colossus generate runs/tiny --prompt \"import \" --temperature 0   # greedy",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_argument("run", metavar="RUN", help="a run folder written by `colossus train`")
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to add (default 200)")
+    generate.add_argument("--temperature", type=float, default=0.8, metavar="T", help="sampling temperature; 0 is greedy (default 0.8)")
+    generate.add_argument("--top-k", type=int, default=40, metavar="K", help="sample among the K most likely tokens (default 40)")
+    generate.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    generate.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; a reference)")
+    generate.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default) or cuda")
     launch = commands.add_parser(
         "launch", help="print the torchrun command(s) for a run on N nodes",
         description="Print the exact torchrun command to run on each node (c10d rendezvous on the head node). "
@@ -337,6 +352,21 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from colossus.generate import generate_text, load_run
+
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device!r}: use cpu or cuda")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU is visible to torch here; use --device cpu")
+    loaded = load_run(Path(args.run), args.device)
+    print(generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                        cache=not args.no_cache))
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     from colossus.account.report import write_report
 
@@ -460,7 +490,8 @@ def _human(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "report": run_report, "bench": run_bench}
+    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "report": run_report, "bench": run_bench,
+                "generate": run_generate}
     if args.command is None:
         parser.print_help()
         return 0

@@ -108,7 +108,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         batch, seq, _ = x.shape
         # Head counts come from the weights, so a tensor-parallel shard (fewer local heads) runs as is.
@@ -116,8 +116,48 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v) if positions is None else self.core(q, k, v, positions)
+        if cache is None:
+            out = self.core(q, k, v, positions)
+        else:  # the keys and values of every earlier position come from the cache
+            k, v = cache.extend(k, v)
+            out = self.core(q, k, v, positions, torch.arange(k.shape[2], device=k.device))
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class KVCache:
+    """Every layer's keys and values of up to `max_len` positions, in one allocation (made at the first
+    write, in the shape and dtype of the keys: a tensor-parallel rank holds its own heads). Generation
+    then computes each new token once instead of recomputing the context."""
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.n_layers, self.max_len = n_layers, max_len
+        self.buffer: torch.Tensor | None = None  # [layers, 2 (keys, values), batch, heads, max_len, head_dim]
+        self.length = 0  # positions held
+        self.written = 0  # positions the current forward writes
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self, index)
+
+
+@dataclass
+class LayerCache:
+    cache: KVCache
+    index: int
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's keys and values after the cached ones; return all of them."""
+        cache = self.cache
+        if cache.buffer is None:
+            batch, heads, _, head_dim = k.shape
+            cache.buffer = k.new_zeros(cache.n_layers, 2, batch, heads, cache.max_len, head_dim)
+        start, end = cache.length, cache.length + k.shape[2]
+        if end > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} positions; {end} asked")
+        layer = cache.buffer[self.index]
+        layer[0, :, :, start:end] = k
+        layer[1, :, :, start:end] = v
+        cache.written = end - start
+        return layer[0, :, :, :end], layer[1, :, :, :end]
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float = 0.0,
@@ -243,9 +283,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe else FeedForward(cfg)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if sandwich else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats | None]:
-        attended = self.attention(self.attention_norm(x), cos, sin, **({} if positions is None else {"positions": positions}))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        attended = self.attention(self.attention_norm(x), cos, sin, positions, cache)
         h = x + self.post_attention_norm(attended)
         ffn_out = self.ffn(self.ffn_norm(h))
         stats = None
@@ -313,27 +353,33 @@ class Transformer(nn.Module):
             if name.endswith("router_bias"):
                 buffer.zero_()
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
         """Logits and router statistics for [batch, seq] tokens; `positions` are their places in their
-        sequences (default 0, 1, ...; a part of a sequence has others)."""
-        h, stats = self.blocks(self.embed(tokens), tokens.shape[1] if positions is None else positions)
+        sequences (default 0, 1, ...; a part of a sequence has others). With a `cache` the tokens follow
+        the cached ones (their positions are next) and their keys and values are added to it."""
+        if cache is not None:
+            positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device)
+        h, stats = self.blocks(self.embed(tokens), tokens.shape[1] if positions is None else positions, cache=cache)
+        if cache is not None:
+            cache.length += cache.written
         return self.head(h, stats)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return scaled(self.embedding(tokens), self.cfg.embedding_multiplier)
 
-    def blocks(self, h: torch.Tensor, positions: torch.Tensor | int,
-               keys: list[str] | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
+    def blocks(self, h: torch.Tensor, positions: torch.Tensor | int, keys: list[str] | None = None,
+               cache: KVCache | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
         """The blocks named by `keys` (default: all, in order) over the residual stream h. `positions`:
         the tokens' places in their sequence, or the length of one whole sequence (0, 1, ..., with the
         plain causal mask; h itself may hold a part of it, split by sequence parallelism)."""
         whole = isinstance(positions, int)
         places = torch.arange(positions, device=h.device) if whole else positions
         cos, sin = rope_tables(places, self.cfg.head_dim, self.cfg.rope_base)
-        given = {} if whole else {"positions": positions}
+        given = None if whole else positions
         stats = []
         for key in keys if keys is not None else self.layers:
-            h, layer_stats = self.layers[key](h, cos, sin, **given)
+            h, layer_stats = self.layers[key](h, cos, sin, given, None if cache is None else cache.layer(int(key)))
             if layer_stats is not None:
                 stats.append(layer_stats)
         return h, stats
@@ -349,10 +395,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
-                 top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample continuations of [batch, seq] prompts (recomputes the context each step: small models only)."""
+                 top_k: int | None = 40, generator: torch.Generator | None = None, cache: bool = True) -> torch.Tensor:
+        """Sample continuations of [batch, seq] prompts. With `cache`, a KVCache of the training context
+        computes each new token once; once the text outgrows the context, each token recomputes the
+        last seq_len tokens, as the cache-free path does throughout (so both give the same tokens)."""
+        kv = KVCache(self.cfg.n_layers, self.cfg.seq_len) if cache else None
+
         def next_logits(context: torch.Tensor) -> torch.Tensor:
-            logits = self(context).logits
+            if kv is not None and kv.length == 0:
+                logits = self(context, cache=kv).logits  # the prompt, all at once
+            elif kv is not None and context.shape[1] == kv.length + 1:
+                logits = self(context[:, -1:], cache=kv).logits  # one new token
+            else:  # the context slid past the training length: recompute the window
+                logits = self(context).logits
             if hasattr(logits, "full_tensor"):  # a tensor-parallel model's logits are sharded on the vocabulary
                 logits = logits.full_tensor()
             return logits[:, -1, :]
@@ -364,13 +419,18 @@ class Transformer(nn.Module):
 def sample(next_logits, tokens: torch.Tensor, max_new_tokens: int, context_len: int, temperature: float = 0.8,
            top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
     """Extend [batch, seq] tokens by sampling from `next_logits(context)` ([batch, vocab] for the
-    position after the context, the last `context_len` tokens) at `temperature`, among the top_k."""
+    position after the context, the last `context_len` tokens) at `temperature`, among the top_k;
+    temperature 0 takes the most likely token (greedy)."""
     for _ in range(max_new_tokens):
-        logits = next_logits(tokens[:, -context_len:]).float() / max(temperature, 1e-5)
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+        logits = next_logits(tokens[:, -context_len:]).float()
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
         tokens = torch.cat([tokens, next_token], dim=1)
     return tokens
 

@@ -282,17 +282,18 @@ class Checkpointer:
         return None
 
 
-def load_model_weights(folder: Path, model: Any) -> int:
+def load_model_weights(folder: Path, model: Any, what: str = "train.init_from") -> int:
     """Load only the model weights of the newest intact checkpoint in `folder` (another run's
-    RUN/checkpoints) into `model`, for fine-tuning; returns its step. The optimizer, schedule and data
-    position start afresh. A missing, damaged or mismatched checkpoint is a UserError."""
+    RUN/checkpoints) into `model`, for fine-tuning or generation; returns its step. The optimizer,
+    schedule and data position start afresh. A missing, damaged or mismatched checkpoint is a UserError
+    that starts with `what` (the setting or command that named the folder)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from colossus.parallel.pipeline import load_saved, to_saved
 
     candidates = Checkpointer(folder, keep=1).step_folders()
     if not candidates:
-        raise UserError(f"train.init_from: no checkpoint in {folder}; point it at a run folder that has checkpoints/step-N")
+        raise UserError(f"{what}: no checkpoint in {folder}; point it at a run folder that has checkpoints/step-N")
     problems = []
     for step, path in candidates:
         problem = verify(path)
@@ -301,12 +302,12 @@ def load_model_weights(folder: Path, model: Any) -> int:
             try:
                 dcp.load(weights, checkpoint_id=str(path), no_dist=not dist.is_initialized())
             except Exception as exc:  # shapes or names that do not match this model
-                raise UserError(f"train.init_from: {path} does not fit this model "
+                raise UserError(f"{what}: {path} does not fit this model "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); use the same [model]") from None
             set_model_state_dict(model, load_saved(model, weights["train"]["model"]))
             return step
         problems.append(problem)
-    raise UserError(f"train.init_from: no intact checkpoint in {folder}: {problems[0]}")
+    raise UserError(f"{what}: no intact checkpoint in {folder}: {problems[0]}")
 
 
 class CheckpointPolicy:
