@@ -3,6 +3,7 @@ never the tokens."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,3 +73,17 @@ def test_generate_command(tmp_path: Path, corpus_dir: Path) -> None:
     (run / "checkpoints" / "step-8" / "COMMITTED").unlink()
     result = run_colossus("generate", str(run), "--prompt", "x")
     assert result.returncode == 2 and "checkpoint" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2"])
+def test_end_of_run_sample_under_tensor_and_context_parallelism(tmp_path: Path, corpus_dir: Path, layout: str) -> None:
+    """The trainer's end-of-run sample goes through the KV cache on a 2-rank tensor-parallel model
+    (sequence parallelism lays out the attention's positional inputs) and a context-parallel one (whose
+    attention must not gather keys the cache already holds whole)."""
+    from ranks import finish_training, start_training
+
+    config = write_toml(tmp_path / "micro.toml", small_tables(corpus_dir, tmp_path / "cache", train={"steps": 4},
+                                                              eval={"interval": 4, "sample_tokens": 12}))
+    finish_training(start_training([str(config), "--out", str(tmp_path / "run"), "--set", layout], tmp_path, 2))
+    sample = json.loads((tmp_path / "run" / "summary.json").read_text())["sample"]
+    assert sample.startswith("def") and len(sample) > len("def")

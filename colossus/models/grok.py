@@ -285,7 +285,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> tuple[torch.Tensor, RouterStats | None]:
-        attended = self.attention(self.attention_norm(x), cos, sin, positions, cache)
+        # positions and cache as keywords: tensor parallelism lays out the positional inputs (parallel/tensor.py)
+        attended = self.attention(self.attention_norm(x), cos, sin, positions=positions, cache=cache)
         h = x + self.post_attention_norm(attended)
         ffn_out = self.ffn(self.ffn_norm(h))
         stats = None
@@ -379,7 +380,8 @@ class Transformer(nn.Module):
         given = None if whole else positions
         stats = []
         for key in keys if keys is not None else self.layers:
-            h, layer_stats = self.layers[key](h, cos, sin, given, None if cache is None else cache.layer(int(key)))
+            h, layer_stats = self.layers[key](h, cos, sin, positions=given,
+                                              cache=None if cache is None else cache.layer(int(key)))
             if layer_stats is not None:
                 stats.append(layer_stats)
         return h, stats

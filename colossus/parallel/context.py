@@ -78,8 +78,9 @@ class GatherSequence(torch.autograd.Function):
 
 class ContextParallelAttention(nn.Module):
     """The attention core of a context-parallel model: the keys and values of the whole sequence
-    gathered from the cp ranks, this rank's queries attended to them. Called without positions
-    (generation: every rank holds the whole context), it is the plain core."""
+    gathered from the cp ranks, this rank's queries attended to them. Called without positions, or with
+    the keys' own (generation: every rank holds the whole context, or a KV cache holds it), it is the
+    plain core."""
 
     def __init__(self, core: nn.Module, mesh: DeviceMesh):
         super().__init__()
@@ -89,8 +90,8 @@ class ContextParallelAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None = None,
                 k_positions: torch.Tensor | None = None) -> torch.Tensor:
-        if q_positions is None:
-            return self.core(q, k, v)
+        if q_positions is None or k_positions is not None:
+            return self.core(q, k, v, q_positions, k_positions)
         keys, values = GatherSequence.apply(k, self.group), GatherSequence.apply(v, self.group)
         return self.core(q, keys, values, q_positions, gathered_positions(q.shape[2] * self.cp, self.cp, q.device))
 
