@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                                              "expert load, interruptions and restarts, the compute ledger and the "
                                              "regulatory thresholds (report.md, report.html and PNG figures in the folder).")
     report.add_argument("run", metavar="RUN", help="a run folder written by `colossus train`")
+    export = commands.add_parser(
+        "export", help="write a run's newest weights as a Hugging Face checkpoint (llama or mixtral layout)",
+        description="Write the run's newest intact checkpoint as a Hugging Face model folder: config.json, "
+                    "safetensors shards with their index, and tokenizer.json (transformers, vLLM and SGLang load it).",
+        epilog="example:\n  colossus export runs/dense hf/dense --arch llama --dtype fp32",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("run", metavar="RUN", help="a run folder written by `colossus train`")
+    export.add_argument("out", metavar="OUT", help="the folder to write (must not exist)")
+    export.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face safetensors (default)")
+    export.add_argument("--arch", choices=("auto", "llama", "mixtral"), default="auto",
+                        help="the layout: llama (dense), mixtral (MoE), auto (by the model; default)")
+    export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="tensor dtype (default bf16)")
     generate = commands.add_parser(
         "generate", help="continue a prompt with a trained run's newest checkpoint",
         description="Print the prompt and its continuation, sampled from the run's newest intact checkpoint "
@@ -367,6 +379,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from colossus.export import export_run
+
+    out = export_run(Path(args.run), Path(args.out), args.arch, args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     from colossus.account.report import write_report
 
@@ -491,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "report": run_report, "bench": run_bench,
-                "generate": run_generate}
+                "generate": run_generate, "export": run_export}
     if args.command is None:
         parser.print_help()
         return 0
