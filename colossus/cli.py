@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "regulatory thresholds (report.md, report.html and PNG figures in the folder).")
     report.add_argument("run", metavar="RUN", help="a run folder written by `colossus train`")
     export = commands.add_parser(
-        "export", help="write a run's newest weights as a Hugging Face checkpoint (llama or mixtral layout)",
+        "export", help="write a run's newest weights as a Hugging Face checkpoint (llama, mixtral or grok-1 layout)",
         description="Write the run's newest intact checkpoint as a Hugging Face model folder: config.json, "
                     "safetensors shards with their index, and tokenizer.json (transformers, vLLM and SGLang load it).",
         epilog="example:\n  colossus export runs/dense hf/dense --arch llama --dtype fp32",
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", metavar="RUN", help="a run folder written by `colossus train`")
     export.add_argument("out", metavar="OUT", help="the folder to write (must not exist)")
     export.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face safetensors (default)")
-    export.add_argument("--arch", choices=("auto", "llama", "mixtral"), default="auto",
-                        help="the layout: llama (dense), mixtral (MoE), auto (by the model; default)")
+    export.add_argument("--arch", choices=("auto", "llama", "mixtral", "grok-1"), default="auto",
+                        help="the layout: llama (dense), mixtral (MoE), grok-1 (Grok-style MoE), auto (the first "
+                             "that fits the model; default)")
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="tensor dtype (default bf16)")
     generate = commands.add_parser(
         "generate", help="continue a prompt with a trained run's newest checkpoint",

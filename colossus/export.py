@@ -2,7 +2,8 @@
 
 The layouts are those the ecosystem loads (transformers, vLLM, SGLang): `llama` (LlamaForCausalLM) for a
 dense pre-norm SwiGLU model, `mixtral` (MixtralForCausalLM, the per-expert w1/w2/w3 names of the
-released checkpoints) for such an MoE. Colossus's rotary embedding is already in their rotate-half
+released checkpoints) for such an MoE, and `grok-1` (Grok1ModelForCausalLM, hpcai-tech/grok-1's names
+and config keys, which vLLM and SGLang load) for a Grok-style one. Colossus's rotary embedding is already in their rotate-half
 layout and its RMSNorm is theirs, so the tensors go out as they are, renamed (experts transposed from
 the stacked [experts, in, out] to each expert's [out, in]). A model with a feature these layouts lack
 (Grok-1's multipliers, soft-cap or sandwich norms, GeGLU, capacity-limited routing, unnormalised top-k
@@ -28,11 +29,13 @@ from colossus.errors import UserError
 from colossus.modelconfig import ModelConfig
 
 SHARD_BYTES = 5 * 10**9  # the shard size the Hub's own tools default to
-ARCHES = ("auto", "llama", "mixtral")
+ARCHES = ("auto", "llama", "mixtral", "grok-1")
 
 
 def unsupported(cfg: ModelConfig, arch: str) -> list[str]:
     """The features of `cfg` that the `arch` layout cannot express (empty: it can)."""
+    if arch == "grok-1":
+        return _not_grok(cfg)
     problems = []
     if arch == "llama" and cfg.is_moe:
         problems.append(f"model.n_experts={cfg.n_experts} (llama is dense; use --arch mixtral)")
@@ -57,17 +60,56 @@ def unsupported(cfg: ModelConfig, arch: str) -> list[str]:
     return problems
 
 
+def _not_grok(cfg: ModelConfig) -> list[str]:
+    """Grok-1's layout: a sandwich-normed GeGLU MoE whose gates are the plain softmax probabilities
+    (xai-org/grok-1 model.py), with its soft-cap and multipliers as config values."""
+    problems = []
+    if not cfg.is_moe:
+        problems.append("model.n_experts=1 (grok-1 is a mixture of experts)")
+    if cfg.ffn_type != "geglu":
+        problems.append(f"model.ffn_type={cfg.ffn_type} (needs geglu)")
+    if cfg.norm != "sandwich":
+        problems.append(f"model.norm={cfg.norm} (needs sandwich)")
+    if cfg.attn_softcap <= 0:
+        problems.append("model.attn_softcap=0 (grok-1 soft-caps its attention)")
+    if cfg.router_renormalize:
+        problems.append("model.router_renormalize=true (grok-1's gates are the plain probabilities)")
+    if cfg.capacity_factor > 0:
+        problems.append(f"model.capacity_factor={cfg.capacity_factor:g} (grok-1 inference drops no tokens)")
+    if cfg.moe_balance == "bias":
+        problems.append("model.moe_balance=bias (grok-1's router has no selection bias)")
+    return problems
+
+
 def choose_arch(cfg: ModelConfig, arch: str) -> str:
+    """The layout to write: `arch`, or with auto the first of llama, mixtral, grok-1 that fits."""
     if arch not in ARCHES:
         raise UserError(f"--arch {arch!r}: use one of {', '.join(ARCHES)}")
-    chosen = ("mixtral" if cfg.is_moe else "llama") if arch == "auto" else arch
-    problems = unsupported(cfg, chosen)
+    if arch == "auto":
+        reasons = {name: unsupported(cfg, name) for name in ARCHES[1:]}
+        fitting = [name for name, problems in reasons.items() if not problems]
+        if not fitting:
+            raise UserError("the model fits no export layout: " + " | ".join(
+                f"{name}: {'; '.join(problems)}" for name, problems in reasons.items()))
+        return fitting[0]
+    problems = unsupported(cfg, arch)
     if problems:
-        raise UserError(f"the model does not fit the {chosen} layout: {'; '.join(problems)}")
-    return chosen
+        raise UserError(f"the model does not fit the {arch} layout: {'; '.join(problems)}")
+    return arch
 
 
 def hf_config(cfg: ModelConfig, arch: str, eos_id: int, dtype: str) -> dict:
+    if arch == "grok-1":  # the keys of hpcai-tech/grok-1's config.json, which vLLM and SGLang read
+        return {"architectures": ["Grok1ModelForCausalLM"], "model_type": "grok-1", "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+                "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+                "attn_output_multiplier": cfg.head_dim ** -0.5, "max_attn_value": cfg.attn_softcap,
+                "embedding_multiplier_scale": cfg.embedding_multiplier, "output_multiplier_scale": cfg.output_multiplier,
+                "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_base,
+                "tie_word_embeddings": cfg.tie_embeddings, "num_experts": cfg.n_experts,
+                "num_experts_per_tok": cfg.top_k, "router_aux_loss_coef": cfg.moe_aux_loss_coef,
+                "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "torch_dtype": dtype,
+                "colossus_model": cfg.name}
     common = {
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
@@ -86,6 +128,9 @@ def hf_config(cfg: ModelConfig, arch: str, eos_id: int, dtype: str) -> dict:
 def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor) for every weight of a colossus state dict, in layer order."""
     yield "model.embed_tokens.weight", state["embedding.weight"]
+    if arch == "grok-1":
+        yield from _grok_tensors(state, cfg)
+        return
     for i in range(cfg.n_layers):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         yield theirs + "input_layernorm.weight", state[ours + "attention_norm.weight"]
@@ -106,6 +151,25 @@ def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> I
         yield "lm_head.weight", state["output.weight"]
 
 
+def _grok_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """hpcai-tech/grok-1's names (shared/reference/grok1-hf-format.md): attn.*_proj, moe_block.gate,
+    experts' linear (gate, GELU'd), linear_v (up), linear_1 (down), the four sandwich norms' `scale`."""
+    for i in range(cfg.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        for name in ("q", "k", "v", "o"):
+            yield theirs + f"attn.{name}_proj.weight", state[ours + f"attention.w{name}.weight"]
+        for mine, hub in (("attention_norm", "pre_attn_norm"), ("post_attention_norm", "post_attn_norm"),
+                          ("ffn_norm", "pre_moe_norm"), ("post_ffn_norm", "post_moe_norm")):
+            yield theirs + f"{hub}.scale", state[ours + f"{mine}.weight"]
+        yield theirs + "moe_block.gate.weight", state[ours + "ffn.router.weight"]
+        for mine, hub in (("w_in", "linear"), ("w_up", "linear_v"), ("w_out", "linear_1")):
+            stacked = state[ours + f"ffn.experts.{mine}"]  # [experts, in, out]
+            for e in range(cfg.n_experts):
+                yield theirs + f"moe_block.experts.{e}.{hub}.weight", stacked[e].t()
+    yield "model.norm.scale", state["norm.weight"]
+    yield "lm_head.weight", state["embedding.weight" if cfg.tie_embeddings else "output.weight"]
+
+
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, dtype: torch.dtype,
                  shard_bytes: int = SHARD_BYTES) -> dict:
     """Shards of at most about shard_bytes and their index (weight_map: name -> file)."""
@@ -113,8 +177,12 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, dtyp
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = total = 0
+    seen: set[int] = set()
     for name, tensor in tensors:
         tensor = tensor.detach().to(dtype).contiguous()
+        if tensor.data_ptr() in seen:  # a tied weight written under two names: safetensors stores no aliases
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
         nbytes = tensor.numel() * tensor.element_size()
         if size and size + nbytes > shard_bytes:
             shards.append({})
