@@ -142,13 +142,20 @@ def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> I
                 yield theirs + f"mlp.{hub}.weight", state[ours + f"ffn.{mine}.weight"]
         else:
             yield theirs + "block_sparse_moe.gate.weight", state[ours + "ffn.router.weight"]
-            for mine, hub in (("w_in", "w1"), ("w_up", "w3"), ("w_out", "w2")):
-                stacked = state[ours + f"ffn.experts.{mine}"]  # [experts, in, out]
-                for e in range(cfg.n_experts):
-                    yield theirs + f"block_sparse_moe.experts.{e}.{hub}.weight", stacked[e].t()
+            yield from _experts(state, ours, theirs + "block_sparse_moe.experts", ("w1", "w3", "w2"), cfg.n_experts)
     yield "model.norm.weight", state["norm.weight"]
     if not cfg.tie_embeddings:
         yield "lm_head.weight", state["output.weight"]
+
+
+def _experts(state: dict[str, torch.Tensor], ours: str, theirs: str, names: tuple[str, str, str],
+             n_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each expert's gate, up and down projection under `theirs`.E.NAME.weight, as [out, in] (ours are
+    stacked [experts, in, out])."""
+    for mine, hub in zip(("w_in", "w_up", "w_out"), names):
+        stacked = state[ours + f"ffn.experts.{mine}"]
+        for e in range(n_experts):
+            yield f"{theirs}.{e}.{hub}.weight", stacked[e].t()
 
 
 def _grok_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -162,10 +169,7 @@ def _grok_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Iterator[
                           ("ffn_norm", "pre_moe_norm"), ("post_ffn_norm", "post_moe_norm")):
             yield theirs + f"{hub}.scale", state[ours + f"{mine}.weight"]
         yield theirs + "moe_block.gate.weight", state[ours + "ffn.router.weight"]
-        for mine, hub in (("w_in", "linear"), ("w_up", "linear_v"), ("w_out", "linear_1")):
-            stacked = state[ours + f"ffn.experts.{mine}"]  # [experts, in, out]
-            for e in range(cfg.n_experts):
-                yield theirs + f"moe_block.experts.{e}.{hub}.weight", stacked[e].t()
+        yield from _experts(state, ours, theirs + "moe_block.experts", ("linear", "linear_v", "linear_1"), cfg.n_experts)
     yield "model.norm.scale", state["norm.weight"]
     yield "lm_head.weight", state["embedding.weight" if cfg.tie_embeddings else "output.weight"]
 
