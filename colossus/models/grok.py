@@ -132,8 +132,7 @@ class KVCache:
     def __init__(self, n_layers: int, max_len: int):
         self.n_layers, self.max_len = n_layers, max_len
         self.buffer: torch.Tensor | None = None  # [layers, 2 (keys, values), batch, heads, max_len, head_dim]
-        self.length = 0  # positions held
-        self.written = 0  # positions the current forward writes
+        self.length = 0  # positions held before the current forward (Transformer.forward advances it)
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self, index)
@@ -156,7 +155,6 @@ class LayerCache:
         layer = cache.buffer[self.index]
         layer[0, :, :, start:end] = k
         layer[1, :, :, start:end] = v
-        cache.written = end - start
         return layer[0, :, :, :end], layer[1, :, :, :end]
 
 
@@ -363,7 +361,7 @@ class Transformer(nn.Module):
             positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device)
         h, stats = self.blocks(self.embed(tokens), tokens.shape[1] if positions is None else positions, cache=cache)
         if cache is not None:
-            cache.length += cache.written
+            cache.length += tokens.shape[1]
         return self.head(h, stats)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
