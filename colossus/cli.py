@@ -85,6 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the layout: llama (dense), mixtral (MoE), grok-1 (Grok-style MoE), auto (the first "
                              "that fits the model; default)")
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="tensor dtype (default bf16)")
+    importer = commands.add_parser(
+        "import", help="read a Hugging Face checkpoint (llama, mixtral or grok-1 layout) into a run folder",
+        description="Convert a Hugging Face model folder (config.json, safetensors shards) into a run folder: "
+                    "config.toml with the model's [model], the tokenizer, and a DCP checkpoint (step 0) with each "
+                    "rank's shards for the layout of --set parallel.* (default one process). Streamed: memory "
+                    "holds one piece of at most 64 MiB at a time (and one tensor as it is read), not the model. train.init_from, "
+                    "`colossus generate` and `colossus train --dry-run` accept the result.",
+        epilog="examples:\n  colossus import hf/grok-1 --out runs/grok-1 --set parallel.tp=8 --set parallel.ep=8 "
+               "--world-size 64\n"
+               "  colossus train runs/grok-1/config.toml --set train.init_from=runs/grok-1 --out runs/grok-1-ft",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    importer.add_argument("hf_dir", metavar="HF_DIR", help="a Hugging Face model folder")
+    importer.add_argument("--out", required=True, metavar="RUN", help="the run folder to write (must not exist)")
+    importer.add_argument("--arch", choices=("auto", "llama", "mixtral", "grok-1"), default="auto",
+                          help="the layout HF_DIR is in (default auto: as its config.json says)")
+    importer.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="a config key of the run, e.g. --set parallel.tp=2 for the shards' layout (repeatable)")
+    importer.add_argument("--world-size", type=int, metavar="N",
+                          help="the ranks the shards are for (default: the product of the parallel degrees)")
     generate = commands.add_parser(
         "generate", help="continue a prompt with a trained run's newest checkpoint",
         description="Print the prompt and its continuation, sampled from the run's newest intact checkpoint "
@@ -388,6 +407,21 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_import(args: argparse.Namespace) -> int:
+    from colossus.hf_import import import_checkpoint
+
+    if args.world_size is not None and args.world_size < 1:
+        raise UserError(f"--world-size must be at least 1, got {args.world_size}")
+    done = import_checkpoint(Path(args.hf_dir), Path(args.out), args.arch, args.overrides, args.world_size)
+    print(f"wrote {done['run']}: {done['arch']} checkpoint, {done['tensors']} tensors as step 0 for "
+          f"{done['layout']} ({done['ranks']} rank{'s' if done['ranks'] > 1 else ''}, {done['files']} files)")
+    if done["tokenizer"] == "byte":
+        print("note: the byte tokenizer (HF_DIR has no tokenizer.json other than Colossus's byte one); "
+              "set data.tokenizer to the model's tokenizer.json if it has another")
+    print(f"fine-tune: colossus train {done['run']}/config.toml --set train.init_from={done['run']} --out NEW_RUN")
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     from colossus.account.report import write_report
 
@@ -512,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "report": run_report, "bench": run_bench,
-                "generate": run_generate, "export": run_export}
+                "generate": run_generate, "export": run_export, "import": run_import}
     if args.command is None:
         parser.print_help()
         return 0

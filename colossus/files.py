@@ -1,11 +1,13 @@
 """Files that appear whole or not at all: written to a temporary name in the same folder, flushed to
 disk, then renamed over the target with os.replace (atomic on POSIX). A reader sees the old file or the
 new one, never half of one, and a crash mid-write leaves the old file as it was. Every file Colossus
-writes for a user (run folders, reports, caches, checkpoint manifests) goes through here."""
+writes for a user (run folders, reports, caches, checkpoint manifests) goes through here; whole
+folders (an export, an import) appear the same way, by staged_folder."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,3 +35,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Replace `path` with `data` (text is written as UTF-8) in one atomic step."""
     with atomic_file(path) as handle:
         handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield a hidden folder beside `out` to write a whole folder into; it becomes `out` (one rename)
+    once the block finished without error and is removed otherwise. `out` must not exist."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; `out` gets a new folder's mode
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -185,7 +185,7 @@ class Trainer:
         self.logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard, enabled=runtime.is_main,
                                     interval=config.log.interval)
         self.checkpoints = CheckpointPolicy(checkpointer, {"train": self.state}, self.logger, config.checkpoint.interval,
-                                            tcfg.steps, config.checkpoint.on_error, {"config_sha": _config_hash(config)})
+                                            tcfg.steps, config.checkpoint.on_error, {"config_sha": config_hash(config)})
         # Resume from the newest intact checkpoint, if any; only then touch the run folder.
         warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
         self.resumed_from = checkpointer.load_latest({"train": self.state}, warn=warn)
@@ -506,5 +506,5 @@ def sample_text(model: Transformer, tokenizer, config: RunConfig, device: torch.
     return tokenizer.decode(generated[0].tolist())
 
 
-def _config_hash(config: RunConfig) -> str:
+def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(config_to_toml(config).encode()).hexdigest()[:16]
