@@ -289,16 +289,18 @@ def run_train(args: argparse.Namespace) -> int:
         return run_dry_run(args, config)
     from colossus.train.trainer import train  # torch loads only once the config is known to be good
 
+    from colossus.parallel.runtime import exit_without_teardown
+    from colossus.train.guards import EXIT_PREEMPTED
+
     out = Path(args.out) if args.out else Path("runs") / config.model.name
     summary = train(config, out)
-    if summary["preempted"]:
-        from colossus.train.guards import EXIT_PREEMPTED
-
-        return EXIT_PREEMPTED
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+    if not summary["preempted"] and os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "
-          f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {out}")
-    return 0
+              f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {out}")
+    code = EXIT_PREEMPTED if summary["preempted"] else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_teardown(code)  # a rank of a torchrun job that finished cleanly ends here
+    return code
 
 
 def run_dry_run(args: argparse.Namespace, config) -> int:

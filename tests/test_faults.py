@@ -117,6 +117,14 @@ def wait_for_step(run: Path, step: int, timeout: float = 240) -> None:
     raise AssertionError(f"step {step} never came")
 
 
+def wait_for_file(path: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.is_file():
+        if time.time() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.02)
+
+
 def test_sigterm_checkpoints_the_current_step_and_rerun_continues(tmp_path: Path, corpus_dir: Path) -> None:
     tables = small_tables(corpus_dir, tmp_path / "cache", train={"steps": 200}, checkpoint={"interval": 1000, "keep": 2},
                           **QUIET)
@@ -233,7 +241,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, corpus_d
     config = write_toml(tmp_path / "run.toml", tables)
     run = tmp_path / "run"
     process = run_cli([str(config), "--out", str(run)], tmp_path)
-    wait_for_step(run, 12)  # checkpoint 10 is written; 20 is not started
+    wait_for_step(run, 12)
+    # Checkpoint 10 must be committed before the storage fails: a background save can still be writing
+    # it at step 12 under load (a stress round caught the limit landing on checkpoint 10 itself).
+    wait_for_file(run / "checkpoints" / "step-10" / "COMMITTED")
     limit_file_size(process.pid, 128 * 1024)  # a checkpoint shard is ~1 MB; logs stay far below
     output, _ = process.communicate(timeout=240)
 

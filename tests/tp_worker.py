@@ -31,6 +31,7 @@ from colossus.config import ModelConfig, TrainConfig  # noqa: E402
 from colossus.layout import Layout  # noqa: E402
 from colossus.models.grok import build_model  # noqa: E402
 from colossus.models.moe import MoE  # noqa: E402
+from colossus.parallel.runtime import exit_without_teardown  # noqa: E402
 from colossus.parallel.mesh import build_mesh  # noqa: E402
 from colossus.parallel.parallelize import apply_fsdp, apply_recompute, clip_grad_norm  # noqa: E402
 from colossus.parallel.tensor import apply_tensor_parallel  # noqa: E402
@@ -310,6 +311,7 @@ def main() -> None:
     # at once instead).
     dist.barrier()
     dist.destroy_process_group()
+    exit_without_teardown(0)  # the mesh's gloo groups outlive destroy_process_group
 
 if __name__ == "__main__":
     main()

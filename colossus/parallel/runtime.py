@@ -7,7 +7,9 @@ gloo for host tensors) and gloo on CPUs; launched plainly it is a world of one a
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -84,6 +86,24 @@ class Runtime:
                 # load. Only after a clean finish: a failing rank must not wait for healthy ones.
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a process that was a rank of a process group and finished cleanly (every rank past its last
+    collective, the group destroyed, checkpoints committed, logs closed), skipping the interpreter's
+    teardown.
+
+    destroy_process_group does not stop the gloo groups a DeviceMesh made: the meshes (and torch's
+    caches of them) keep them alive, and after a run's clean close each rank still has about ten gloo
+    event loops and twenty worker threads running (counted in /proc/self/task). Python then tears
+    them down during interpreter finalization, and a worker whose pending work still holds a tensor
+    takes the GIL from a dying interpreter: SIGABRT, "terminate called without an active exception"
+    with no Python frame (a stress round of the tensor-parallel test; pytorch/pytorch#190489 and the
+    analysis in #179291). Output is flushed first. A rank that failed exits the ordinary way, so that
+    background writes it leaves behind are still waited for."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def pick_device(config: RunConfig) -> torch.device:

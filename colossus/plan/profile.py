@@ -468,6 +468,9 @@ def _allreduce_worker(rank: int, world: int, backend: str, store: str, sizes: li
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    from colossus.parallel.runtime import exit_without_teardown
+
+    exit_without_teardown(0)  # the mesh's gloo group outlives destroy_process_group
 
 
 def _fsdp_unit_seconds(device: torch.device, world: int, units: int = 6) -> tuple[float, float]:
