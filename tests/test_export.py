@@ -200,6 +200,10 @@ def test_export_then_import_gives_the_same_weights_logits_generation_and_fine_tu
     assert result.returncode == 0, result.stderr
     assert "dp_shard=2 x tp=2 (4 ranks" in result.stdout
     assert _rank_files(imported / "checkpoints" / "step-0") == {"0", "1", "2", "3"}  # each rank wrote its shards
+    before = sorted(imported.rglob("*"))
+    resumed = run_colossus("train", str(imported / "config.toml"), "--out", str(imported), "--steps", "1")
+    assert resumed.returncode == 2 and "holds only the weights imported" in resumed.stderr, resumed.stderr[-2000:]
+    assert "--set train.init_from=" in resumed.stderr and sorted(imported.rglob("*")) == before
     original, copy = load_run(runs["grok"]), load_run(imported)
     assert copy.config.model == original.config.model and copy.config.data.tokenizer == "byte"
     theirs = copy.model.state_dict()

@@ -282,6 +282,20 @@ class Checkpointer:
         return None
 
 
+def refuse_imported(run: Path) -> None:
+    """A run folder written by `colossus import` holds model weights only (no optimizer, schedule or data
+    position): it is a fine-tune's starting point, not a run to resume or train into."""
+    for _, path in Checkpointer(run / "checkpoints", keep=1).step_folders():
+        try:
+            imported = json.loads((path / MANIFEST).read_text()).get("imported_from")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if imported:
+            raise UserError(f"{run} holds only the weights imported from {imported} (colossus import), not a "
+                            f"training state to resume; fine-tune from it: colossus train {run / 'config.toml'} "
+                            f"--set train.init_from={run} --out NEW_RUN")
+
+
 def load_model_weights(folder: Path, model: Any, what: str = "train.init_from") -> int:
     """Load only the model weights of the newest intact checkpoint in `folder` (another run's
     RUN/checkpoints) into `model`, for fine-tuning or generation; returns its step. The optimizer,

@@ -38,7 +38,7 @@ from colossus.parallel.parallelize import parallelize
 from colossus.parallel.pipeline import Pipeline, load_saved, to_saved
 from colossus.parallel.runtime import Runtime, setup_runtime
 from colossus.train.accounting import Accounting, ledger_rates
-from colossus.train.checkpoint import Checkpointer, CheckpointPolicy, load_model_weights
+from colossus.train.checkpoint import Checkpointer, CheckpointPolicy, load_model_weights, refuse_imported
 from colossus.train.evaluator import Evaluator
 from colossus.train.guards import HangWatchdog, NanGuard, PreemptionGuard, UnreadVerdict
 from colossus.train.metrics import MetricsLogger, ThroughputWindow
@@ -460,6 +460,7 @@ def check_run_folder(out: Path, config: RunConfig) -> None:
     """Refuse, before anything is written, to resume a run folder trained with another model or data."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    refuse_imported(out)
     saved = out / "config.toml"
     if not saved.is_file():
         return
