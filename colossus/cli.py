@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the layout: llama (dense), mixtral (MoE), grok-1 (Grok-style MoE), auto (the first "
                              "that fits the model; default)")
     export.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="tensor dtype (default bf16)")
+    export.add_argument("--shard-gb", type=float, default=5.0, metavar="GB",
+                        help="the largest shard file, in GB (default 5, as the Hub's tools); memory holds one shard")
     importer = commands.add_parser(
         "import", help="read a Hugging Face checkpoint (llama, mixtral or grok-1 layout) into a run folder",
         description="Convert a Hugging Face model folder (config.json, safetensors shards) into a run folder: "
@@ -404,7 +406,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from colossus.export import export_run
 
-    out = export_run(Path(args.run), Path(args.out), args.arch, args.dtype)
+    out = export_run(Path(args.run), Path(args.out), args.arch, args.dtype, int(args.shard_gb * 1e9))
     print(f"wrote {out}")
     return 0
 

@@ -35,9 +35,10 @@ from colossus.config import RunConfig, config_from_dict, config_to_toml, parse_o
 from colossus.errors import UserError
 from colossus.files import staged_folder, write_atomic
 from colossus.hf import Weight, model_table, read_hf_config, weights
+from colossus.train.checkpoint import MODEL_KEY
 
 PIECE_BYTES = 64 * 2**20  # the most one write holds (DCP's writer adds about one copy while serialising)
-PREFIX = "train.model."  # where the trainer's checkpoints keep the model (TrainingState under "train")
+PREFIX = f"{MODEL_KEY}.model."  # where the trainer's checkpoints keep the model
 INDEX = "model.safetensors.index.json"
 
 

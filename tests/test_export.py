@@ -295,11 +295,13 @@ def _capped(limit: int, *args: str) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
-def test_import_streams_grok1_format_under_a_memory_cap_below_the_checkpoint(tmp_path: Path) -> None:
+def test_import_and_export_stream_grok1_format_under_a_memory_cap_below_the_checkpoint(tmp_path: Path) -> None:
     """An 850 MB Grok-1-format checkpoint becomes a 1.7 GB fp32 DCP checkpoint in a process whose memory
     is capped at 3/4 of the checkpoint, a cap that reading the checkpoint whole does not fit; the
-    imported weights are the checkpoint's, experts stacked and transposed, and config.toml has its model."""
+    imported weights are the checkpoint's, experts stacked and transposed, and config.toml has its model.
+    Exported again under a cap below its size, it is the same checkpoint."""
     import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     hf, imported = tmp_path / "grok-1", tmp_path / "run"
@@ -322,6 +324,23 @@ def test_import_streams_grok1_format_under_a_memory_cap_below_the_checkpoint(tmp
         assert torch.equal(wanted["layers.3.ffn.experts.w_out"][e],
                            last[f"model.layers.3.moe_block.experts.{e}.linear_1.weight"].float().t())
     assert torch.equal(wanted["layers.2.post_ffn_norm.weight"], third["model.layers.2.post_moe_norm.scale"].float())
+    del wanted, first, last, third
+    # And out again, a weight at a time into 50 MB shards, under a cap of 7/8 of the checkpoint it writes
+    # (the fp32 model it reads is 1.7 GB; one stacked expert weight, 134 MB, is read whole): every tensor
+    # comes back bit for bit (bf16 -> fp32 -> bf16), with the tied output written as its own copy.
+    exported = tmp_path / "exported"
+    result = _capped(total * 7 // 8, "-m", "colossus", "export", str(imported), str(exported), "--shard-gb", "0.05")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    original = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(written) == set(original) | {"lm_head.weight"} and len(set(written.values())) > 10
+    for file in sorted(set(original.values())):
+        source = load_file(str(hf / file))
+        for name, tensor in source.items():
+            with safe_open(str(exported / written[name]), framework="pt") as handle:
+                assert torch.equal(handle.get_tensor(name), tensor), name
+    with safe_open(str(exported / written["lm_head.weight"]), framework="pt") as handle:
+        assert torch.equal(handle.get_tensor("lm_head.weight"), load_file(str(hf / "model-00000.safetensors"))["model.embed_tokens.weight"])
 
 
 def test_import_bad_input_is_one_line_and_leaves_nothing(runs: dict[str, Path], tmp_path: Path) -> None:

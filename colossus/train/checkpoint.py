@@ -296,6 +296,24 @@ def refuse_imported(run: Path) -> None:
                             f"--set train.init_from={run} --out NEW_RUN")
 
 
+def newest_intact(folder: Path, what: str) -> tuple[int, Path]:
+    """The step and folder of the newest intact checkpoint in `folder` (a run's RUN/checkpoints); none is a
+    UserError that starts with `what` (the setting or command that named the folder)."""
+    candidates = Checkpointer(folder, keep=1).step_folders()
+    if not candidates:
+        raise UserError(f"{what}: no checkpoint in {folder}; point it at a run folder that has checkpoints/step-N")
+    problems = []
+    for step, path in candidates:
+        problem = verify(path)
+        if problem is None:
+            return step, path
+        problems.append(problem)
+    raise UserError(f"{what}: no intact checkpoint in {folder}: {problems[0]}")
+
+
+MODEL_KEY = "train"  # a checkpoint holds the trainer's state under this key, the model's weights under KEY.model
+
+
 def load_model_weights(folder: Path, model: Any, what: str = "train.init_from") -> int:
     """Load only the model weights of the newest intact checkpoint in `folder` (another run's
     RUN/checkpoints) into `model`, for fine-tuning or generation; returns its step. The optimizer,
@@ -305,23 +323,25 @@ def load_model_weights(folder: Path, model: Any, what: str = "train.init_from") 
 
     from colossus.parallel.pipeline import load_saved, to_saved
 
-    candidates = Checkpointer(folder, keep=1).step_folders()
-    if not candidates:
-        raise UserError(f"{what}: no checkpoint in {folder}; point it at a run folder that has checkpoints/step-N")
-    problems = []
-    for step, path in candidates:
-        problem = verify(path)
-        if problem is None:
-            weights = {"train": {"model": to_saved(model, get_model_state_dict(model))}}
-            try:
-                dcp.load(weights, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-            except Exception as exc:  # shapes or names that do not match this model
-                raise UserError(f"{what}: {path} does not fit this model "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); use the same [model]") from None
-            set_model_state_dict(model, load_saved(model, weights["train"]["model"]))
-            return step
-        problems.append(problem)
-    raise UserError(f"{what}: no intact checkpoint in {folder}: {problems[0]}")
+    step, path = newest_intact(folder, what)
+    weights = {MODEL_KEY: {"model": to_saved(model, get_model_state_dict(model))}}
+    try:
+        dcp.load(weights, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except Exception as exc:  # shapes or names that do not match this model
+        raise UserError(f"{what}: {path} does not fit this model "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); use the same [model]") from None
+    set_model_state_dict(model, load_saved(model, weights[MODEL_KEY]["model"]))
+    return step
+
+
+def read_weight(checkpoint: Path, name: str, shape: tuple[int, ...]) -> Any:
+    """One weight of the whole model (fp32, `name` as in the unsharded model) from a checkpoint folder,
+    whatever layout wrote it: DCP reads only that tensor's chunks."""
+    import torch
+
+    tensor = torch.empty(shape)
+    dcp.load({MODEL_KEY: {"model": {name: tensor}}}, checkpoint_id=str(checkpoint), no_dist=True)
+    return tensor
 
 
 class CheckpointPolicy:
