@@ -111,7 +111,9 @@ def wait_for_step(run: Path, step: int, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(r.get("step", 0) >= step for r in read_jsonl(metrics) if "loss" in r):
+        # Only whole lines: the trainer may be appending one as we read (a stress round parsed half a line).
+        written = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+        if any(r.get("step", 0) >= step for r in map(json.loads, written) if "loss" in r):
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} never came")
