@@ -240,13 +240,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             tables = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    return config_from_dict(apply_overrides(tables, overrides))
+
+
+def apply_overrides(tables: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`tables` (TOML-shaped, changed in place and returned) with each `section.key=value` set."""
     for text in overrides:
         section, key, value = parse_override(text)
         table = tables.setdefault(section, {})
         if not isinstance(table, dict):
             raise UserError(f"--set {text!r}: [{section}] is not a table in the config")
         table[key] = value
-    return config_from_dict(tables)
+    return tables
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 
 from colossus.errors import UserError
 from colossus.files import staged_folder
-from colossus.hf import Weight, choose_arch, hf_config, weights
+from colossus.hf import Weight, choose_arch, hf_config, weight_shapes, weights
 
 SHARD_BYTES = 5 * 10**9  # the shard size the Hub's own tools default to
 
@@ -130,7 +130,6 @@ def export_run(run: Path, out: Path, arch: str = "auto", dtype: str = "bf16", sh
     (memory holds one shard and one Colossus tensor, not the model)."""
     from colossus.config import load_config
     from colossus.data.tokenizer import build_tokenizer
-    from colossus.models.grok import build_model
     from colossus.train.checkpoint import newest_intact
 
     if dtype not in ("bf16", "fp32"):
@@ -145,7 +144,7 @@ def export_run(run: Path, out: Path, arch: str = "auto", dtype: str = "bf16", sh
     chosen = choose_arch(config.model, arch)
     _, checkpoint = newest_intact(run / "checkpoints", f"colossus export {run}")
     tokenizer = build_tokenizer(config.data, config.model.vocab_size)
-    shapes = {name: tuple(t.shape) for name, t in build_model(config.model, "meta").state_dict().items()}
+    shapes = weight_shapes(config.model)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     table = weights(config.model, chosen)
     with staged_folder(out) as staging:

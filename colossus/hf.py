@@ -242,6 +242,13 @@ def weights(cfg: ModelConfig, arch: str) -> list[Weight]:
     return table
 
 
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight of the whole model, by its Colossus name (built on the meta device)."""
+    from colossus.models.grok import build_model
+
+    return {name: tuple(tensor.shape) for name, tensor in build_model(cfg, "meta").state_dict().items()}
+
+
 def _experts(ours: str, theirs: str, names: tuple[str, str, str], n_experts: int) -> list[Weight]:
     """The gate, up and down projections of every expert (ours: ffn.experts.w_in, w_up, w_out)."""
     return [Weight(ours + f"ffn.experts.{mine}", theirs + ".{e}." + hub + ".weight", experts=n_experts)

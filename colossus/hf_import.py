@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from colossus.config import RunConfig, config_from_dict, config_to_toml, parse_override
+from colossus.config import RunConfig, apply_overrides, config_from_dict, config_to_toml
 from colossus.errors import UserError
 from colossus.files import staged_folder, write_atomic
-from colossus.hf import Weight, model_table, read_hf_config, weights
+from colossus.hf import Weight, model_table, read_hf_config, weight_shapes, weights
 from colossus.train.checkpoint import MODEL_KEY
 
 PIECE_BYTES = 64 * 2**20  # the most one write holds (DCP's writer adds about one copy while serialising)
@@ -88,12 +88,14 @@ class HFCheckpoint:
 
     def check(self, table: list[Weight], shapes: dict[str, tuple[int, ...]], arch: str) -> None:
         """Every tensor the layout needs is there with the model's shape, and nothing else is."""
-        expected = {}
+        expected, optional = {}, set()
         for weight in table:
             for name in weight.names():
                 expected[name] = weight.their_shape(shapes[weight.ours])
+            if weight.copy:  # a tied output: released checkpoints may leave it out
+                optional.add(weight.theirs)
         for name, shape in expected.items():
-            if name not in self.shape and not (name == "lm_head.weight" and _copy_of(table, name)):
+            if name not in self.shape and name not in optional:
                 raise UserError(f"{self.folder} has no tensor {name}, which the {arch} layout of this config.json needs; "
                                 "the checkpoint is incomplete")
             if name in self.shape and self.shape[name] != shape:
@@ -121,10 +123,6 @@ class HFCheckpoint:
         step = max(1, PIECE_BYTES // (4 * max(1, math.prod(self.shape[a][1:]))))
         blocks = [[slice(r, min(r + step, rows))] for r in range(0, rows, step)]
         return all(torch.equal(self.read(a, block), self.read(b, block)) for block in blocks)
-
-
-def _copy_of(table: list[Weight], name: str) -> bool:
-    return any(weight.copy and weight.theirs == name for weight in table)
 
 
 def pieces(item, limit: int) -> list:
@@ -183,7 +181,7 @@ def rank_plan(config: RunConfig, world_size: int, rank: int, limit: int):
     try:
         model = build_model(config.model, "meta")
         parallelize(model, layout, build_mesh(layout, "cpu") if world_size > 1 else None, torch.device("cpu"))
-        state = {"train": {"model": to_saved(model, get_model_state_dict(model, options=STATE_OPTIONS))}}
+        state = {MODEL_KEY: {"model": to_saved(model, get_model_state_dict(model, options=STATE_OPTIONS))}}
         planner = DefaultSavePlanner()
         planner.set_up_planner(state_dict=state, storage_meta=None, is_coordinator=rank == 0)
         plan = planner.create_local_plan()
@@ -240,7 +238,6 @@ def import_checkpoint(hf_dir: Path, out: Path, arch: str = "auto", overrides: li
 
     from colossus.data.tokenizer import ByteTokenizer
     from colossus.export import tokenizer_json
-    from colossus.models.grok import build_model
     from colossus.parallel.runtime import resolve_layout
     from colossus.train.checkpoint import COMMITTED, write_manifest
     from colossus.train.trainer import config_hash
@@ -253,10 +250,7 @@ def import_checkpoint(hf_dir: Path, out: Path, arch: str = "auto", overrides: li
     byte_level = tokenizer.is_file() and tokenizer.read_text() == tokenizer_json(ByteTokenizer())
     if tokenizer.is_file() and not byte_level:
         tables["data"] = {"tokenizer": str(out.resolve() / "tokenizer.json")}
-    for text in overrides:
-        section, key, value = parse_override(text)
-        tables.setdefault(section, {})[key] = value
-    config = config_from_dict(tables)
+    config = config_from_dict(apply_overrides(tables, overrides))
     degrees = config.parallel
     size = world_size or (degrees.pp * degrees.dp_replicate * max(degrees.dp_shard, 1) * degrees.ep * degrees.cp
                           * degrees.tp)
@@ -264,7 +258,7 @@ def import_checkpoint(hf_dir: Path, out: Path, arch: str = "auto", overrides: li
 
     checkpoint = HFCheckpoint(hf_dir)
     table = weights(config.model, arch)
-    shapes = {name: tuple(t.shape) for name, t in build_model(config.model, "meta").state_dict().items()}
+    shapes = weight_shapes(config.model)
     checkpoint.check(table, shapes, arch)
     copy = next((w for w in table if w.copy and w.theirs in checkpoint.shape), None)
     if copy is not None and not checkpoint.same(copy.theirs, "model.embed_tokens.weight"):

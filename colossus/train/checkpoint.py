@@ -34,6 +34,9 @@ from colossus.files import write_atomic
 COMMITTED = "COMMITTED"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# A checkpoint holds the trainer's state under this key and the model's weights under KEY.model: the
+# trainer saves it; init_from, generate, export and import read or write the model part alone.
+MODEL_KEY = "train"
 
 # DCP warns on every single-process save, also from the background writer thread where no_dist is
 # not passed on; one process is a supported case here, so the warning only adds noise.
@@ -309,9 +312,6 @@ def newest_intact(folder: Path, what: str) -> tuple[int, Path]:
             return step, path
         problems.append(problem)
     raise UserError(f"{what}: no intact checkpoint in {folder}: {problems[0]}")
-
-
-MODEL_KEY = "train"  # a checkpoint holds the trainer's state under this key, the model's weights under KEY.model
 
 
 def load_model_weights(folder: Path, model: Any, what: str = "train.init_from") -> int:

@@ -38,7 +38,7 @@ from colossus.parallel.parallelize import parallelize
 from colossus.parallel.pipeline import Pipeline, load_saved, to_saved
 from colossus.parallel.runtime import Runtime, setup_runtime
 from colossus.train.accounting import Accounting, ledger_rates
-from colossus.train.checkpoint import Checkpointer, CheckpointPolicy, load_model_weights, refuse_imported
+from colossus.train.checkpoint import MODEL_KEY, Checkpointer, CheckpointPolicy, load_model_weights, refuse_imported
 from colossus.train.evaluator import Evaluator
 from colossus.train.guards import HangWatchdog, NanGuard, PreemptionGuard, UnreadVerdict
 from colossus.train.metrics import MetricsLogger, ThroughputWindow
@@ -184,11 +184,11 @@ class Trainer:
             checkpointer.kill_before_commit_at = config.faults.inject_kill_in_save_at_step
         self.logger = MetricsLogger(out, tcfg.steps, config.log.tensorboard, enabled=runtime.is_main,
                                     interval=config.log.interval)
-        self.checkpoints = CheckpointPolicy(checkpointer, {"train": self.state}, self.logger, config.checkpoint.interval,
+        self.checkpoints = CheckpointPolicy(checkpointer, {MODEL_KEY: self.state}, self.logger, config.checkpoint.interval,
                                             tcfg.steps, config.checkpoint.on_error, {"config_sha": config_hash(config)})
         # Resume from the newest intact checkpoint, if any; only then touch the run folder.
         warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
-        self.resumed_from = checkpointer.load_latest({"train": self.state}, warn=warn)
+        self.resumed_from = checkpointer.load_latest({MODEL_KEY: self.state}, warn=warn)
         self.checkpoints.saved_step = self.resumed_from
         lineage = None
         if self.resumed_from is None and tcfg.init_from:  # a fine-tune starts from another run's weights
