@@ -85,6 +85,37 @@ GEMM_EFFICIENCY = {"ampere": 0.69, "hopper": 0.63}
 GEMM_EFFICIENCY["blackwell"] = GEMM_EFFICIENCY["hopper"]
 DEFAULT_GEMM_EFFICIENCY = 0.72  # a GPU table without arch
 
+# Fused causal attention (head dim 128, long sequences) reaches a published fraction of the dense bf16
+# peak, forward + backward, that depends on the kernel more than on the GEMM library: FlashAttention-2
+# was written for Ampere and runs Hopper without its new instructions. Each figure is the fwd+bwd rate
+# (FLOPs counted as fwd 4*s^2*d*heads/2 causal, bwd 2.5x fwd) over the peak the papers use (A100 312,
+# H100 989 TFLOP/s):
+# - flash2 on Ampere: 189 TFLOP/s, causal hd128, 16k tokens (Dao 2023, FlashAttention-2, Fig. 4).
+# - flash2 on Hopper: 308 TFLOP/s, causal hd128, 8k (Dao 2023, Fig. 7; Shah et al. 2024,
+#   FlashAttention-3, "FlashAttention-2 achieving only 35% utilization on the H100").
+# - flash3 on Hopper: forward 602 (causal hd128 8k, Shah et al. 2024 Fig. 5), backward 559 (non-causal
+#   hd128 8k, Fig. 6; no causal backward is published): 3.5 / (1/602 + 2.5/559) = 570 TFLOP/s.
+# - cudnn on Hopper (Transformer Engine's default there; PyTorch SDPA's first choice on sm90 from 2.9):
+#   forward 529, backward 518 (cuDNN 9.1, the same figures): 521 TFLOP/s.
+# Ampere has no flash3/cudnn figure: it runs flash2's. Blackwell, with no figure yet, takes Hopper's.
+ATTENTION_KERNELS = ("flash2", "flash3", "cudnn")
+ATTENTION_EFFICIENCY = {
+    ("flash2", "ampere"): 189 / 312,
+    ("flash2", "hopper"): 308 / 989,
+    ("flash3", "hopper"): 570 / 989,
+    ("cudnn", "hopper"): 521 / 989,
+}
+
+
+def attention_efficiency(gpu: GPU, kernel: str) -> float:
+    """Fraction of the dense peak a fused causal attention kernel reaches forward + backward on this GPU."""
+    arch = "hopper" if gpu.arch == "blackwell" else gpu.arch
+    if (kernel, arch) in ATTENTION_EFFICIENCY:
+        return ATTENTION_EFFICIENCY[kernel, arch]
+    if ("flash2", arch) in ATTENTION_EFFICIENCY:
+        return ATTENTION_EFFICIENCY["flash2", arch]
+    return ATTENTION_EFFICIENCY["cudnn", "hopper"]
+
 # Substrings of torch.cuda.get_device_name() -> catalog key, most specific first.
 # torch reports e.g. 'NVIDIA H100 80GB HBM3' (SXM), 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200'
 # (the SXM part: seen on a lent machine), 'NVIDIA H200 NVL', 'NVIDIA A100-SXM4-40GB', 'NVIDIA A100-PCIE-40GB',

@@ -38,9 +38,11 @@ def validator() -> Validator:
 
 def test_published_runs_step_time(validator: Validator) -> None:
     """Every validated published run, in sample (the shipped constants): median step-time error at most
-    6.5% and none worse than 25% over 31 runs: MoE runs, runs on 8,000 to 16,384 GPUs, A100, H100 and
-    H200. Issue 19 asks for 5% and 12%; the README's table names the runs that miss. The memory model
-    refuses only Llama 3 405B's layout (interleaved, no recompute), which Meta ran: a known miss."""
+    5.5% and none worse than 12% over 31 runs: MoE runs, runs on 8,000 to 16,384 GPUs, A100, H100 and
+    H200. Issue 19 asks for a 5% median; the README's table names the runs that miss. The memory model
+    refuses two layouts that were run, known misses: Llama 3 405B's (interleaved, no recompute), and the
+    1T model's interleaved schedule with selective recompute (Korthikanti et al. 2022 Fig. 1 reads about
+    59 GB for that run; the model counts 1 + (p-1)/(p m) times 1F1B's activations for interleaving)."""
     rows = validator.rows
     assert len(rows) >= 30
     assert sum(1 for row in rows if row["model"].get("n_experts", 1) > 1) >= 3
@@ -49,19 +51,20 @@ def test_published_runs_step_time(validator: Validator) -> None:
     checked = validator.in_sample()
     errors = {c.name: c.error for c in checked}
     worst = max(errors, key=lambda name: abs(errors[name]))
-    assert statistics.median(abs(e) for e in errors.values()) <= 0.065, errors
-    assert abs(errors[worst]) <= 0.25, (worst, errors[worst])
-    assert {c.name for c in checked if not c.fits} <= {"llama3-405b-8192gpu", "llama3-405b-16384gpu"}
+    assert statistics.median(abs(e) for e in errors.values()) <= 0.055, errors
+    assert abs(errors[worst]) <= 0.12, (worst, errors[worst])
+    assert {c.name for c in checked if not c.fits} <= {"llama3-405b-8192gpu", "llama3-405b-16384gpu",
+                                                       "korthikanti-2022-1t-selective"}
 
 
 def test_left_out_sources_and_the_shipped_constants_are_the_fit(validator: Validator) -> None:
     """The only fitted constants, the large-GEMM efficiency of each architecture, are what the published
     rows give (hardware.GEMM_EFFICIENCY is the fit, not a hand-set value); refit without each source in
-    turn, that source's rows are predicted with a median error at most 10.5% (issue 19 asks for 8%)."""
+    turn, that source's rows are predicted with a median error at most 8% (issue 19's target)."""
     assert validator.fit(validator.rows) == {arch: GEMM_EFFICIENCY[arch] for arch in ("ampere", "hopper")}
     left = validator.left_out()
     assert {c.name for c, _ in left} == {row["name"] for row in validator.rows}
-    assert statistics.median(abs(c.error) for c, _ in left) <= 0.10
+    assert statistics.median(abs(c.error) for c, _ in left) <= 0.08
     sources = {source_of(row) for row in validator.rows}
     assert len(sources) >= 10  # a refit without one source still has the others
 
@@ -102,7 +105,12 @@ def test_gemm_tiles_waves_and_flash_attention() -> None:
     causal = flash_attention_time(h100, 32, 8192, 8192, 128, "bf16")
     dense_flops = 4 * 32 * 8192 * 8192 * 128
     waves = 2048 / (16 * 132)  # 32 heads x 64 query blocks over 132 SMs: 16 waves, the last partial
-    assert causal == pytest.approx(dense_flops * (64 + 1) / 128 / (989e12 * GEMM_EFFICIENCY["hopper"] * waves), rel=1e-6)
+    assert causal == pytest.approx(dense_flops * (64 + 1) / 128 / (989e12 * (521 / 989) * waves), rel=1e-6)
+    # FlashAttention-2 on Hopper runs at its published 308 TFLOP/s, cuDNN's 521: the same work takes longer.
+    flash2 = flash_attention_time(h100, 32, 8192, 8192, 128, "bf16", "flash2")
+    assert flash2 == pytest.approx(causal * 521 / 308, rel=1e-9)
+    with pytest.raises(UserError, match="attention_kernel must be one of flash2, flash3, cudnn"):
+        Software(attention_kernel="flash4")
     bf16, fp8 = gemm_time(h100, 16384, 8192, 8192, "bf16"), gemm_time(h100, 16384, 8192, 8192, "fp8")
     assert bf16 / 2 < fp8 < bf16  # twice the peak, less the casts
 

@@ -17,7 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from colossus import modelmath
-from colossus.hardware import GPU, NIC_EFFICIENCY, NVLINK_EFFICIENCY, gemm_peak_efficiency
+from colossus.errors import UserError
+from colossus.hardware import ATTENTION_KERNELS, GPU, NIC_EFFICIENCY, NVLINK_EFFICIENCY, attention_efficiency, gemm_peak_efficiency
 from colossus.layout import Layout, distinct_shares, expert_shard_dim, rank_share
 from colossus.modelconfig import ModelConfig
 from colossus.plan.cluster import Cluster
@@ -104,15 +105,16 @@ FLASH_BACKWARD_RATIO = 5 / 2
 
 
 def flash_attention_time(gpu: GPU, batch_heads: float, rows: float, cols: float, head_dim: float, precision: str,
-                         fitted: dict[str, float] | None = None) -> float:
+                         kernel: str = "cudnn") -> float:
     """Forward of fused causal attention: `batch_heads` heads of `rows` queries over `cols` keys (a
-    context-parallel rank's queries see every key), at the large-GEMM rate over the blocks' waves."""
+    context-parallel rank's queries see every key), at the kernel's published rate
+    (hardware.ATTENTION_EFFICIENCY) over the blocks' waves."""
     blocks = batch_heads * math.ceil(rows / FLASH_BLOCK)
     key_blocks = math.ceil(cols / FLASH_BLOCK)
     causal = (key_blocks + 1) / (2 * key_blocks)  # the share of score blocks at or below the diagonal
     flops = 4.0 * batch_heads * rows * cols * head_dim * causal
     precision = "bf16" if precision == "fp8" else precision  # attention stays bf16 in fp8 training recipes
-    return flops / (gpu.peak_flops(precision) * gemm_peak_efficiency(gpu, fitted) * wave_fill(gpu, blocks))
+    return flops / (gpu.peak_flops(precision) * attention_efficiency(gpu, kernel) * wave_fill(gpu, blocks))
 
 
 # Elementwise traffic per stored activation byte over forward + backward: written and read once in
@@ -131,6 +133,9 @@ class Software:
     neither, and their rows in plan/data/published_runs.toml say so."""
 
     fused_attention: bool = True  # no T x T score matrix in memory (Dao et al. 2022, FlashAttention)
+    # Which fused kernel (hardware.ATTENTION_KERNELS): cuDNN's is what Transformer Engine and PyTorch's
+    # SDPA (2.9 and later, on Hopper) run; "flash2" is FlashAttention-2 (PyTorch's SDPA "flash" backend).
+    attention_kernel: str = "cudnn"
     overlap_grad_reduce: bool = True  # gradient reduction (and FSDP's gathers) during compute (Li et al. 2020)
     # Norms, activations and the loss as fused kernels that keep only their inputs (Korthikanti et al.
     # 2022); False is eager PyTorch (modelmath.activation_bytes_per_token says what more it keeps).
@@ -147,6 +152,16 @@ class Software:
     # 2022, section 4.2.2; Colossus always does). False: Megatron-LM before 2022, where each tp rank
     # repeats them on the whole sequence.
     sequence_parallel: bool = True
+    # MoE dispatch by kernels that write each token's copies straight into expert order on the receiving
+    # rank and sum the gate-weighted expert outputs as they come back (DeepEP, Zhao et al. 2025): no
+    # separate permute, unpermute and combine passes in HBM. False: the all-to-all moves tokens and
+    # the permutation is its own kernels (Megatron-Core's alltoall dispatcher, Colossus's trainer).
+    fused_dispatch: bool = False
+
+    def __post_init__(self):
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise UserError(f"software.attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
+                            f"got {self.attention_kernel!r}")
 
 
 def eager_cpu_software(m: ModelConfig) -> Software:
@@ -264,7 +279,7 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
         attention = mbs * heads * (gemm(seq / cp, seq, q) + gemm(seq / cp, q, seq))
         attention_backward = 2 * attention
     elif software.fused_attention:
-        attention = flash_attention_time(machine.gpu, mbs * heads, seq / cp, seq, q, precision, machine.fitted)
+        attention = flash_attention_time(machine.gpu, mbs * heads, seq / cp, seq, q, precision, software.attention_kernel)
         attention_backward = FLASH_BACKWARD_RATIO * attention
     else:  # batched GEMMs over every head, full T x T scores (the mask applied afterwards)
         batched = lambda rows, cols, inner: gemm_time(machine.gpu, rows, cols, inner, "bf16", machine.fitted,  # noqa: E731
@@ -288,7 +303,7 @@ def layer_cost(m: ModelConfig, machine: Machine, tp: int, cp: int, ep: int, mbs:
     else:
         elementwise = machine.memory_time(ELEMENTWISE_PASSES * (stored + unsplit_bytes(m, tokens, tp, element_bytes, software)))
         if m.is_moe:
-            elementwise += machine.memory_time(moe_routing_bytes(m, tokens / tp, element_bytes))
+            elementwise += machine.memory_time(moe_routing_bytes(m, tokens / tp, element_bytes, software.fused_dispatch))
         if machine.profile is not None:
             elementwise += (OPS_PER_MOE_LAYER if m.is_moe else OPS_PER_DENSE_LAYER) * machine.profile.op_overhead_s
     inside_tp = tp <= machine.gpus_per_node
@@ -327,10 +342,11 @@ ROUTER_PASSES = 4
 PERMUTE_PASSES = 5  # permute read + write, unpermute read + write, combine read (the write is per token)
 
 
-def moe_routing_bytes(m: ModelConfig, tokens: float, element_bytes: float) -> float:
-    """Bytes an MoE layer's router, permutation and combine move over forward + backward, for `tokens`."""
+def moe_routing_bytes(m: ModelConfig, tokens: float, element_bytes: float, fused_dispatch: bool = False) -> float:
+    """Bytes an MoE layer's router, permutation and combine move over forward + backward, for `tokens`
+    (the router's only, where the dispatch kernels permute and combine: Software.fused_dispatch)."""
     router = ROUTER_PASSES * tokens * m.n_experts * 4
-    permute = (PERMUTE_PASSES * m.top_k + 1) * tokens * m.d_model * element_bytes
+    permute = 0.0 if fused_dispatch else (PERMUTE_PASSES * m.top_k + 1) * tokens * m.d_model * element_bytes
     return 3 * (router + permute)
 
 
@@ -536,7 +552,10 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
         compute_layer += forward_layer
     tokens_micro = layout.mbs * m.seq_len / layout.cp
     # The last stage also computes the logits and the loss: its GEMM forward + backward.
-    logits = 3 * machine.gemm(tokens_micro, m.vocab_size / layout.tp, m.d_model, layout.precision)
+    # fp8 recipes keep the output layer in bf16 (Megatron-LM's output layer is not a Transformer Engine
+    # module; torchtitan's float8 docs filter "output"), as they keep attention.
+    head_precision = "bf16" if layout.precision == "fp8" else layout.precision
+    logits = 3 * machine.gemm(tokens_micro, m.vocab_size / layout.tp, m.d_model, head_precision)
     if profile is None:
         loss_bytes = CROSS_ENTROPY_BYTES_FUSED if software.fused_elementwise else CROSS_ENTROPY_BYTES_EAGER
         logits += machine.memory_time(loss_bytes * tokens_micro * m.vocab_size / layout.tp)
