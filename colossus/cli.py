@@ -125,14 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", help="print the torchrun command(s) for a run on N nodes",
         description="Print the exact torchrun command to run on each node (c10d rendezvous on the head node). "
                     "Everything after -- is passed to `colossus train`.",
-        epilog="example:\n  colossus launch --nodes 2 --procs-per-node 8 --head 10.0.0.1 -- configs/tiny.toml --out runs/a\n"
-               "Under Slurm, scripts/slurm/train.sbatch finds the head node itself.",
+        epilog="examples:\n  colossus launch --nodes 2 --procs-per-node 8 --head 10.0.0.1 -- configs/tiny.toml --out runs/a\n"
+               "  colossus launch --replica-groups 3 --procs-per-node 3 --max-restarts 3 -- configs/tiny.toml \\\n"
+               "      --out runs/ft --set parallel.dp_replicate=3\n"
+               "Under Slurm, scripts/slurm/train.sbatch finds the head node itself (REPLICA_GROUPS=R for groups).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     launch.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     launch.add_argument("--procs-per-node", type=int, default=8, help="processes per node, one per GPU (default 8)")
     launch.add_argument("--head", default="127.0.0.1", help="address of the rendezvous (head) node")
     launch.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node (default 29500)")
     launch.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure (default 0)")
+    launch.add_argument("--replica-groups", type=int, default=0, metavar="R",
+                        help="split the job into R fault-tolerant replica groups (torchft): the Lighthouse, then one "
+                             "torchrun job per group that restarts on its own; sets [faults] replica_groups")
+    launch.add_argument("--lighthouse-port", type=int, default=29510, help="the Lighthouse's port on --head (default 29510)")
     launch.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN ARGS",
                         help="arguments for `colossus train` (config, --out, --set ...)")
 
@@ -261,6 +267,13 @@ def run_launch(args: argparse.Namespace) -> int:
     from colossus.launch import plan_launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.replica_groups:
+        from colossus.launch import plan_replica_launch
+
+        launch = plan_replica_launch(args.replica_groups, args.nodes, args.procs_per_node, args.head, args.port,
+                                     args.lighthouse_port, train_args, args.max_restarts)
+        print("\n".join(launch.commands()))
+        return 0
     plan = plan_launch(args.nodes, args.procs_per_node, args.head, args.port, train_args, args.max_restarts)
     if plan.nodes == 1:
         print(plan.command())
@@ -289,7 +302,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     if args.dry_run or args.world_size is not None or args.json:
         return run_dry_run(args, config)
-    from colossus.train.trainer import train  # torch loads only once the config is known to be good
+    from colossus.train.trainer import replica_folder, train  # torch loads only once the config is known to be good
 
     from colossus.parallel.runtime import exit_without_teardown
     from colossus.train.guards import EXIT_PREEMPTED
@@ -298,7 +311,7 @@ def run_train(args: argparse.Namespace) -> int:
     summary = train(config, out)
     if not summary["preempted"] and os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "
-              f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {out}")
+              f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {replica_folder(out, config)}")
     code = EXIT_PREEMPTED if summary["preempted"] else 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_without_teardown(code)  # a rank of a torchrun job that finished cleanly ends here

@@ -74,6 +74,7 @@ class EvalConfig:
 class LogConfig:
     interval: int = 10  # steps between metrics lines
     tensorboard: bool = True
+    state_digest: bool = False  # add a sha256 of this rank's weights and optimizer state to each metrics line
 
 
 @dataclass
@@ -114,6 +115,16 @@ class FaultsConfig:
     # testing: SIGKILL rank 0 once every rank's files of this step's checkpoint are written but before
     # it is committed (0 = never); only in a run's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0)
     inject_kill_in_save_at_step: int = 0
+    # Fault-tolerant replica groups (torchft): the outer data-parallel dimension, dp_replicate, split into
+    # this many groups, each its own torchrun job; a group that fails restarts and takes the current state
+    # from a live peer while the others keep training. 0 = off (one job, a failure restarts everything).
+    replica_groups: int = 0
+    replica_group: int = -1  # which group this job is, 0 .. replica_groups - 1 (colossus launch sets it)
+    lighthouse: str = ""  # the torchft Lighthouse, host:port or http://host:port; "" = $TORCHFT_LIGHTHOUSE
+    min_replicas: int = 1  # a step commits only with at least this many groups in it
+    replica_timeout_s: float = 30.0  # quorum, cross-group collectives and state transfer give up after this
+    # testing: a replica group restarted once SIGKILLs itself 50 ms into receiving a live peer's state
+    inject_kill_in_recovery: bool = False
 
 
 @dataclass
@@ -336,6 +347,7 @@ def validate(config: RunConfig) -> None:
     if f.hang_timeout_s < 0 or f.inject_nan_at_step < 0 or f.inject_nan_count < 1 or f.inject_kill_in_save_at_step < 0:
         raise UserError("faults.hang_timeout_s, faults.inject_nan_at_step and faults.inject_kill_in_save_at_step "
                         "must be >= 0 and faults.inject_nan_count >= 1")
+    check_replica_groups(config)
     ledger = config.ledger
     if ledger.usd_per_device_hour < 0 and ledger.usd_per_device_hour != -1:
         raise UserError(f"ledger.usd_per_device_hour must be >= 0 (or -1 for the default), got {ledger.usd_per_device_hour}")
@@ -345,6 +357,29 @@ def validate(config: RunConfig) -> None:
         raise UserError(f"data.prefetch must be >= 0 (batches built ahead; 0 turns it off), got {config.data.prefetch}")
     if not 0 < config.data.val_fraction < 0.5:
         raise UserError(f"data.val_fraction must be in (0, 0.5), got {config.data.val_fraction}")
+
+
+def check_replica_groups(config: RunConfig) -> None:
+    """[faults] replica_groups against the rest of the config: the groups split dp_replicate and the batch."""
+    f, p = config.faults, config.parallel
+    if f.replica_groups < 0:
+        raise UserError(f"faults.replica_groups must be >= 0 (0 = off), got {f.replica_groups}")
+    if f.replica_groups == 0:
+        return
+    if p.dp_replicate % f.replica_groups:
+        raise UserError(f"faults.replica_groups = {f.replica_groups} does not fit parallel.dp_replicate = {p.dp_replicate}: "
+                        f"each group is dp_replicate / replica_groups replicas; set parallel.dp_replicate to a multiple "
+                        f"of {f.replica_groups}")
+    if config.train.global_batch % f.replica_groups:
+        raise UserError(f"train.global_batch = {config.train.global_batch} does not split over faults.replica_groups = "
+                        f"{f.replica_groups}; pick a multiple of {f.replica_groups}")
+    if not 0 <= f.replica_group < f.replica_groups:
+        raise UserError(f"faults.replica_group = {f.replica_group} is not one of the {f.replica_groups} groups; set it "
+                        f"to 0 .. {f.replica_groups - 1} for each group's job (colossus launch --replica-groups does)")
+    if not 1 <= f.min_replicas <= f.replica_groups:
+        raise UserError(f"faults.min_replicas = {f.min_replicas} must be 1 .. faults.replica_groups ({f.replica_groups})")
+    if f.replica_timeout_s <= 0:
+        raise UserError(f"faults.replica_timeout_s must be > 0, got {f.replica_timeout_s}")
 
 
 # ------------------------------------------------------------------------ the layout a config describes

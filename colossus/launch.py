@@ -24,6 +24,7 @@ class LaunchPlan:
     train_args: list[str]
     max_restarts: int = 0
     run_id: str = "colossus"
+    visible_devices: list[int] | None = None  # GPUs this job may use (one node shared by replica groups)
 
     def command(self, node_rank: int | None = None) -> str:
         """The torchrun line to run on one node (identical on every node with c10d rendezvous)."""
@@ -37,6 +38,11 @@ class LaunchPlan:
             parts.append(f"--max-restarts={self.max_restarts}")
         parts += ["-m", "colossus.train", *self.train_args]
         command = shlex.join(parts)
+        if self.head.startswith("$"):  # a shell variable (a replica group's first node): let the shell expand it
+            command = command.replace(shlex.quote(f"--rdzv-endpoint={self.head}:{self.port}"),
+                                      f'--rdzv-endpoint="{self.head}:{self.port}"')
+        if self.visible_devices is not None:
+            command = f"CUDA_VISIBLE_DEVICES={','.join(map(str, self.visible_devices))} " + command
         if self.nodes > 1 and self.max_restarts:
             # A store per attempt: with the agents' shared one, restarted ranks can read a dead
             # attempt's addresses (pytorch/pytorch#135712); see parallel/runtime.py.
@@ -51,6 +57,72 @@ def plan_launch(nodes: int, procs_per_node: int, head: str, port: int, train_arg
     if not 0 < port < 65536:
         raise UserError(f"--port {port} is not a TCP port; pick one in 1-65535")
     return LaunchPlan(nodes, procs_per_node, head, port, list(train_args), max_restarts)
+
+
+# The Lighthouse's timings: a dead group is noticed after HEARTBEAT_TIMEOUT_MS without a heartbeat (the
+# survivors wait about that long once, then go on without it); a quorum waits up to JOIN_TIMEOUT_MS for
+# groups that are alive but late.
+HEARTBEAT_TIMEOUT_MS = 2000
+JOIN_TIMEOUT_MS = 10000
+
+
+def lighthouse_command(port: int, min_replicas: int = 1) -> str:
+    """torchft's Lighthouse (installed with Colossus), which decides every step's quorum of groups."""
+    return shlex.join(["torchft_lighthouse", f"--min_replicas={min_replicas}", f"--bind=[::]:{port}",
+                       f"--heartbeat_timeout_ms={HEARTBEAT_TIMEOUT_MS}", f"--join_timeout_ms={JOIN_TIMEOUT_MS}"])
+
+
+@dataclass
+class ReplicaLaunch:
+    """A run as fault-tolerant replica groups ([faults] replica_groups): the Lighthouse on the head node,
+    then one torchrun job per group, each restarting on its own (--max-restarts)."""
+
+    groups: list[LaunchPlan]
+    head: str
+    lighthouse_port: int
+
+    def commands(self) -> list[str]:
+        """Shell lines, comments included: paste them into one shell on one machine, or each group's
+        line on that group's nodes."""
+        one_node = all(group.nodes == 1 for group in self.groups)
+        lines = [f"# the torchft Lighthouse, on {self.head}, first:", lighthouse_command(self.lighthouse_port)
+                 + (" &" if one_node else "")]
+        for index, group in enumerate(self.groups):
+            where = "" if one_node else f" (on each of its {group.nodes} nodes; the first hosts its rendezvous)"
+            lines += [f"# replica group {index}{where}:", group.command() + (" &" if one_node else "")]
+        if one_node:
+            lines.append("wait")
+        return lines
+
+
+def plan_replica_launch(groups: int, nodes: int, procs_per_node: int, head: str, port: int, lighthouse_port: int,
+                        train_args: list[str], max_restarts: int) -> ReplicaLaunch:
+    """Split the job into `groups` torchrun jobs: whole nodes each, or on one node its processes
+    (CUDA_VISIBLE_DEVICES gives each group its own GPUs)."""
+    if groups < 2:
+        raise UserError(f"--replica-groups {groups}: use at least 2 groups, or launch without --replica-groups")
+    if not 0 < lighthouse_port < 65536:
+        raise UserError(f"--lighthouse-port {lighthouse_port} is not a TCP port; pick one in 1-65535")
+    if nodes == 1 and procs_per_node % groups:
+        raise UserError(f"--procs-per-node {procs_per_node} does not split into {groups} replica groups on one node; "
+                        f"pick a multiple of {groups}")
+    if nodes > 1 and nodes % groups:
+        raise UserError(f"--nodes {nodes} does not split into {groups} replica groups of whole nodes; pick a multiple "
+                        f"of {groups}")
+    lighthouse = f"{head}:{lighthouse_port}"
+    plans = []
+    for index in range(groups):
+        args = [*train_args, "--set", f"faults.replica_groups={groups}", "--set", f"faults.replica_group={index}",
+                "--set", f'faults.lighthouse="{lighthouse}"']
+        if nodes == 1:
+            plan = plan_launch(1, procs_per_node // groups, head, port, args, max_restarts)
+            plan.visible_devices = list(range(index * plan.procs_per_node, (index + 1) * plan.procs_per_node))
+        else:
+            # Each group's own rendezvous on its first node: GROUP_HEAD is that node's address.
+            plan = plan_launch(nodes // groups, procs_per_node, "$GROUP_HEAD", port + index, args, max_restarts)
+            plan.run_id = f"colossus-group-{index}"
+        plans.append(plan)
+    return ReplicaLaunch(plans, head, lighthouse_port)
 
 
 # torchrun's summary of a failed job ends with the "Root Cause (first observed failure)" block:

@@ -45,6 +45,8 @@ class Segment:
     device_seconds: float = 0.0  # wall seconds x devices
     lost_steps: int = 0  # computed but not kept: past the next segment's resume point, or rolled back
     status: str = "running"  # running, finished, preempted, interrupted, stopped at a threshold
+    tokens: int = -1  # tokens of the steps it computed (-1: a ledger from before this field, steps x tokens_per_step)
+    short_steps: int = 0  # steps with fewer replica groups than the run has (a smaller batch)
 
 
 @dataclass
@@ -88,24 +90,44 @@ class Ledger:
             ledger.lineage = saved.get("lineage")
         return ledger
 
-    def start_segment(self, resumed_step: int, restart: int) -> Segment:
+    def start_segment(self, resumed_step: int | None, restart: int) -> Segment:
         """Begin a new segment at `resumed_step`. Work the previous segment did past that step was
-        lost with its process (it never reached a checkpoint)."""
-        if self.segments:
-            previous = self.segments[-1]
-            previous.lost_steps += max(0, previous.step - resumed_step)
-            if previous.status == "running":
-                previous.status = "interrupted"
-        segment = Segment(len(self.segments), time.strftime("%Y-%m-%dT%H:%M:%S%z"), resumed_step, restart, resumed_step)
+        lost with its process (it never reached a checkpoint). None: the step is not known yet (a replica
+        group that will take it from a live peer: joined_at says)."""
+        if self.segments and self.segments[-1].status == "running":
+            self.segments[-1].status = "interrupted"
+        segment = Segment(len(self.segments), time.strftime("%Y-%m-%dT%H:%M:%S%z"), resumed_step or 0, restart,
+                          resumed_step or 0, tokens=0)
         self.segments.append(segment)
+        if resumed_step is not None:
+            self._count_lost(resumed_step)
         self._segment_started = time.perf_counter()
         return segment
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, tokens: int | None = None, short: bool = False) -> None:
+        """Count a finished step: its tokens (those actually used; the full batch when None), and
+        whether it ran with fewer replica groups than the run has."""
         segment = self.segments[-1]
         segment.step = step
         segment.steps_computed += 1
+        segment.tokens = self.segment_tokens(segment) + (self.rates.tokens_per_step if tokens is None else tokens)
+        segment.short_steps += short
         segment.device_seconds = (time.perf_counter() - self._segment_started) * self.rates.devices
+
+    def joined_at(self, step: int) -> None:
+        """This process took the run's state at `step` from a live replica group (or, none being ahead,
+        from its checkpoint) instead of computing the steps before it: its segment starts there."""
+        segment = self.segments[-1]
+        segment.start_step = segment.step = step
+        self._count_lost(step)
+
+    def _count_lost(self, resumed_step: int) -> None:
+        if len(self.segments) > 1:
+            previous = self.segments[-2]
+            previous.lost_steps += max(0, previous.step - resumed_step)
+
+    def segment_tokens(self, segment: Segment) -> int:
+        return segment.tokens if segment.tokens >= 0 else segment.steps_computed * self.rates.tokens_per_step
 
     def rollback(self, from_step: int, to_step: int) -> None:
         segment = self.segments[-1]
@@ -122,10 +144,11 @@ class Ledger:
         steps = sum(s.steps_computed for s in self.segments)
         lost_steps = sum(s.lost_steps for s in self.segments)
         device_seconds = sum(s.device_seconds for s in self.segments)
-        tokens = steps * r.tokens_per_step
+        tokens = sum(self.segment_tokens(s) for s in self.segments)
         lost_tokens = lost_steps * r.tokens_per_step
         return {
             "steps": steps,
+            "short_steps": sum(s.short_steps for s in self.segments),
             "tokens": tokens,
             "model_flops": tokens * r.model_flops_per_token,
             "hardware_flops": tokens * r.hardware_flops_per_token,
@@ -154,6 +177,7 @@ class Ledger:
             "flop_counter_ratio": self.flop_counter_ratio,
             **{k: totals[k] for k in ("gpu_hours", "energy_kwh", "cost_usd")},
             "steps": totals["steps"],
+            "short_steps": totals["short_steps"],
             "lost": totals["lost"],
             "cumulative_model_flops": self.cumulative_model_flops(),
             "lineage": self.lineage,
@@ -165,7 +189,7 @@ class Ledger:
 
     def _segment_json(self, s: Segment) -> dict[str, Any]:
         r = self.rates
-        tokens = s.steps_computed * r.tokens_per_step
+        tokens = self.segment_tokens(s)
         lost = s.lost_steps * r.tokens_per_step
         return {**asdict(s), "tokens": tokens, "model_flops": tokens * r.model_flops_per_token,
                 "hardware_flops": tokens * r.hardware_flops_per_token, "gpu_hours": s.device_seconds / 3600,

@@ -75,10 +75,9 @@ class TokenLoader:
             self._perm = (self.epoch, rng.permutation(self.n_windows))
         return self._perm[1]
 
-    def _next_global_ids(self) -> np.ndarray:
-        """The window ids of the next optimizer step over all ranks, advancing epochs as needed."""
+    def _next_global_ids(self, need: int) -> np.ndarray:
+        """The next `need` window ids of the shuffled stream, advancing epochs as needed."""
         parts = []
-        need = self.global_batch
         while need:
             take = min(need, self.n_windows - self.cursor)
             parts.append(self._permutation()[self.cursor : self.cursor + take])
@@ -95,7 +94,19 @@ class TokenLoader:
     def next_window_ids(self) -> np.ndarray:
         """This rank's window ids for the next step (advancing the position): the cheap half of
         next_batch, so that a prefetcher can hand the gather to another thread."""
-        return self._next_global_ids()[self._mine]
+        return self._next_global_ids(self.global_batch)[self._mine]
+
+    def next_shared_batch(self, participant: int, participants: int) -> Batch:
+        """This rank's batch of a step shared by `participants` replica groups that each read
+        global_batch windows (this loader's batch is its group's): the step takes the next
+        participants x global_batch windows of the stream, and group `participant` the participant-th
+        global_batch of them. A group that is missing from a step leaves no hole: the groups that are
+        there read the windows that follow, and the stream continues after them."""
+        if not 0 <= participant < participants:
+            raise ValueError(f"participant {participant} is outside [0, {participants})")
+        ids = self._next_global_ids(self.global_batch * participants)
+        ours = ids[participant * self.global_batch:(participant + 1) * self.global_batch]
+        return gather_windows(self.tokens, ours[self._mine], self.seq_len)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows, "global_batch": self.global_batch}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import torch
@@ -28,6 +28,8 @@ class Runtime:
     layout: Layout
     mesh: Meshes | None  # None for a world of one
     rank: int
+    replica_groups: int = 1  # torchft replica groups the job is split into ([faults] replica_groups); this
+    # process's layout and mesh are its own group's (dp_replicate and the batch divided by this)
 
     @property
     def is_main(self) -> bool:
@@ -145,9 +147,10 @@ def setup_runtime(config: RunConfig) -> Runtime:
     """Check the layout against the world size and the model, then join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(config)
-    layout = resolve_layout(config, world_size, device.type)
+    groups = max(1, config.faults.replica_groups)
+    layout = group_layout(resolve_layout(config, world_size * groups, device.type), groups)
     if world_size == 1:
-        return Runtime(device, layout, None, 0)
+        return Runtime(device, layout, None, 0, groups)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # gloo beside NCCL for the few host-side collectives (the preemption flag is a CPU tensor):
@@ -155,7 +158,14 @@ def setup_runtime(config: RunConfig) -> Runtime:
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, **restart_safe_store(world_size))
     else:
         dist.init_process_group("gloo", **restart_safe_store(world_size))
-    return Runtime(device, layout, build_mesh(layout, device.type), dist.get_rank())
+    return Runtime(device, layout, build_mesh(layout, device.type), dist.get_rank(), groups)
+
+
+def group_layout(layout: Layout, groups: int) -> Layout:
+    """One replica group's part of the job's layout: its share of the replicas and of the batch."""
+    if groups == 1:
+        return layout
+    return replace(layout, dp_replicate=layout.dp_replicate // groups, gbs=layout.gbs // groups)
 
 
 def restart_safe_store(world_size: int) -> dict:

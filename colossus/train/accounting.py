@@ -16,8 +16,10 @@ from colossus.modelconfig import ModelConfig
 from colossus.train.metrics import MetricsLogger
 
 
-def ledger_rates(m: ModelConfig, layout: Layout, cfg: LedgerConfig, device: torch.device) -> Rates:
-    """What a step and a device-second of this run are worth."""
+def ledger_rates(m: ModelConfig, layout: Layout, cfg: LedgerConfig, device: torch.device, replicas: int = 1) -> Rates:
+    """What a step and a device-second of this run are worth. Under replica groups `layout` is this
+    group's: a full step reads `replicas` times its batch, and the devices are the group's own (each
+    group keeps its own ledger of the steps it took part in)."""
     if device.type == "cuda":
         gpu = gpu_from_device_name(torch.cuda.get_device_name(device))
         power = cfg.device_power_w or (gpu.tdp_w if gpu else 700.0)
@@ -27,7 +29,7 @@ def ledger_rates(m: ModelConfig, layout: Layout, cfg: LedgerConfig, device: torc
         price = CPU_USD_PER_THREAD_HOUR * torch.get_num_threads()
     hardware = modelmath.hardware_flops_per_token(m, layout.recompute, recomputed_layers=layout.recomputed_fraction(
         m.n_layers), micro_batches=layout.micro_batches)
-    return Rates(tokens_per_step=layout.gbs * m.seq_len, model_flops_per_token=modelmath.flops_per_token(m),
+    return Rates(tokens_per_step=layout.gbs * replicas * m.seq_len, model_flops_per_token=modelmath.flops_per_token(m),
                  hardware_flops_per_token=hardware, devices=layout.world_size, device_power_w=power,
                  usd_per_device_hour=price if cfg.usd_per_device_hour < 0 else cfg.usd_per_device_hour, pue=cfg.pue)
 
@@ -51,8 +53,8 @@ class Accounting:
                                   f"it asks: {entry['asks']}")
                 self.logger.event("threshold_ahead", threshold=entry["name"], step=at)
 
-    def step(self, step: int) -> None:
-        self.ledger.step(step)
+    def step(self, step: int, tokens: int | None = None, short: bool = False) -> None:
+        self.ledger.step(step, tokens, short)
 
     def note_crossed(self, step: int) -> None:
         """Record a threshold the first time the ledger shows it crossed."""

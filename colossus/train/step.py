@@ -27,6 +27,7 @@ class StepResult:
     expert_load: torch.Tensor | None  # [n_layers, n_experts]: each expert's share of the step's routed slots
     skipped: torch.Tensor | bool = False  # the gradient was not finite: no update was applied (a 0-d bool
     # tensor, so that reading it, the only host sync of a step, is the caller's choice)
+    committed: bool = True  # False: the replica groups did not all finish the step; nothing was applied
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
@@ -148,11 +149,18 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: 
                device: torch.device, precision: str, poison: bool = False,
                sum_over_dp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                positions: torch.Tensor | None = None, pipeline: Pipeline | None = None,
-               sum_over_cp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> StepResult:
+               sum_over_cp: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+               across_replicas: Callable[[StepResult], bool] | None = None) -> StepResult:
     """forward_backward, then optimizer_step: one optimizer step over this rank's share of the batch
-    (and, under moe_balance = bias, the routing bias moved towards the step's global balance)."""
+    (and, under moe_balance = bias, the routing bias moved towards the step's global balance).
+    `across_replicas`, between the two: average the gradients over the replica groups and say whether
+    the step commits; when it does not, the gradients are dropped and nothing is applied."""
     result = forward_backward(model, inputs, targets, micro_batch, device, precision, poison, sum_over_dp,
                               positions, pipeline, sum_over_cp)
+    if across_replicas is not None and not across_replicas(result):
+        optimizer.zero_grad(set_to_none=True)
+        result.committed = False
+        return result
     result.grad_norm, result.skipped = optimizer_step(model, optimizer, scheduler, grad_clip, pipeline)
     if model.cfg.is_moe and model.cfg.moe_balance == "bias":
         update_router_bias(model, result.expert_load, model.cfg.moe_bias_rate, applied=~result.skipped)

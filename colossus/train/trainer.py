@@ -45,13 +45,17 @@ from colossus.train.metrics import MetricsLogger, ThroughputWindow
 from colossus.train.optim import build_optimizer, build_scheduler
 from colossus.train.peak import device_peak_flops
 from colossus.train.prediction import PlannerCheck
+from colossus.train.replicas import (Membership, ReplicaGroups, check_reachable, from_transport, lighthouse_address,
+                                     state_digest, to_transport)
 from colossus.train.step import StepResult, train_step
 
 
 def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in folder `out`; returns the run summary (also saved as summary.json)."""
-    out = Path(out)
+    out = replica_folder(Path(out), config)
     check_run_folder(out, config)
+    if config.faults.replica_groups:  # before anything is built or written
+        check_reachable(lighthouse_address(config.faults.lighthouse))
     runtime = setup_runtime(config)  # layout checked against world size and model before any build
     finished = False
     try:
@@ -162,16 +166,21 @@ class Trainer:
         self.pipeline = Pipeline(self.model, stages, layout, runtime.mesh.pp, device) if layout.pp > 1 else None
         self.optimizer = build_optimizer(self.model, tcfg, device)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
-        self.loader = make_loader(self.data.train, mcfg.seq_len, tcfg.global_batch, runtime.dp_rank, layout.dp,
-                                  tcfg.seed, prefetch=config.data.prefetch, pin_memory=device.type == "cuda")
+        # Under replica groups each step's batch depends on who takes part: drawn after the quorum, not ahead.
+        self.loader = make_loader(self.data.train, mcfg.seq_len, layout.gbs, runtime.dp_rank, layout.dp, tcfg.seed,
+                                  prefetch=0 if runtime.replica_groups > 1 else config.data.prefetch,
+                                  pin_memory=device.type == "cuda")
         self.progress = Progress()
         self.state = TrainingState(self.model, self.optimizer, self.scheduler, self.loader, self.progress)
+        self.replicas: ReplicaGroups | None = None
         try:
             self.open_run()
         except BaseException:  # the loop closes these otherwise
             self.loader.close()
             if hasattr(self, "logger"):
                 self.logger.close()
+            if self.replicas is not None:
+                self.replicas.close()
             raise
 
     def open_run(self) -> None:
@@ -186,15 +195,19 @@ class Trainer:
                                     interval=config.log.interval)
         self.checkpoints = CheckpointPolicy(checkpointer, {MODEL_KEY: self.state}, self.logger, config.checkpoint.interval,
                                             tcfg.steps, config.checkpoint.on_error, {"config_sha": config_hash(config)})
-        # Resume from the newest intact checkpoint, if any; only then touch the run folder.
-        warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
-        self.resumed_from = checkpointer.load_latest({MODEL_KEY: self.state}, warn=warn)
+        # Resume from the newest intact checkpoint, if any; only then touch the run folder. A replica group
+        # that torchrun restarted takes the current state from a live peer instead, at its first quorum, and
+        # reads its own checkpoint only if no peer is ahead of it (the whole job was down).
+        self.warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
+        self.from_storage_later = runtime.replica_groups > 1 and restart_count() > 0
+        self.resumed_from = None if self.from_storage_later else checkpointer.load_latest({MODEL_KEY: self.state},
+                                                                                           warn=self.warn)
         self.checkpoints.saved_step = self.resumed_from
         lineage = None
         if self.resumed_from is None and tcfg.init_from:  # a fine-tune starts from another run's weights
             parent = Path(tcfg.init_from)
             lineage = {**parent_lineage(parent), "step": load_model_weights(parent / "checkpoints", self.model)}
-        ledger = Ledger.open(out, ledger_rates(mcfg, layout, config.ledger, device),
+        ledger = Ledger.open(out, ledger_rates(mcfg, layout, config.ledger, device, runtime.replica_groups),
                              load_thresholds(config.ledger.thresholds_file or None))
         self.accounting = Accounting(ledger, config.ledger.stop_at_threshold, self.logger, runtime.is_main)
         if runtime.is_main:
@@ -213,6 +226,11 @@ class Trainer:
         self.flops_per_token = modelmath.flops_per_token(mcfg)
         self.peak = device_peak_flops(device, layout.precision, self.planner.cpu_profile if self.planner else None)
         self.announce(lineage, ledger)
+        if runtime.replica_groups > 1:
+            self.replicas = ReplicaGroups(config.faults, device, self.progress.step, self.transport_state,
+                                          self.load_transported)
+            self.logger.print(f"replica group {config.faults.replica_group} of {runtime.replica_groups} "
+                              f"(torchft, Lighthouse {config.faults.lighthouse or '$TORCHFT_LIGHTHOUSE'})")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -226,6 +244,8 @@ class Trainer:
                 if batch is None:
                     continue
                 result = self.train_step(*batch)
+                if result is None:  # the replica groups did not all finish it: the step runs again
+                    continue
                 stopping = preemption.should_stop()
                 log, evaluate, save = (self.logger.should_log(progress.step), self.evaluator.should_evaluate(progress.step),
                                        self.checkpoints.should_save(progress.step))
@@ -255,43 +275,116 @@ class Trainer:
             if stop is None:
                 self.checkpoints.finish()  # the last checkpoint is complete before the run reports success
             self.accounting.finish(stop or "finished")
+            if self.replicas is not None:
+                self.replicas.close()
         return self.summary(preempted=stop == "preempted", stopped_at_threshold=stop == "stopped at threshold")
 
     # ------------------------------------------------------------------ what the loop asks for
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-        """The next batch and its loader position; a batch that broke this run before is consumed and
-        skipped (None)."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, str, Membership | None] | None:
+        """The next batch with its loader position (and, under replica groups, the step's membership: the
+        quorum comes first, since who takes part decides the batch); a batch that broke this run before
+        is consumed and skipped (None)."""
+        membership = self.join_step() if self.replicas is not None else None
         position = loader_position(self.loader)
         if position in self.progress.skip_batches:
             self.loader.next_batch()
             self.logger.event("skip_batch", step=self.progress.step, batch=position)
             return None
-        return (*self.loader.next_batch(), position)
+        if membership is None:
+            return (*self.loader.next_batch(), position, None)
+        return (*self.loader.next_shared_batch(membership.participant, membership.participants), position, membership)
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, position: str) -> StepResult:
+    def join_step(self) -> Membership:
+        """The replica groups' quorum for the next step. A group behind the others has taken a live peer's
+        state in it; a restarted group that no peer is ahead of (the whole job was down) reads its own
+        newest checkpoint and asks again."""
+        self.position_before_step = self.loader.state_dict()
+        # A run's first step waits (up to faults.replica_timeout_s) for every group, so that it starts whole.
+        first = self.progress.step == 0 and restart_count() == 0
+        membership = self.replicas.start_step(self.config.faults.replica_timeout_s if first else 0.0)
+        if membership.healed_from is not None:
+            self.from_storage_later = False
+            step = self.progress.step
+            self.accounting.ledger.joined_at(step)
+            self.logger.event("recovered_from_peer", step=step, from_step=membership.healed_from,
+                              seconds=round(membership.heal_s, 3), participants=membership.participants)
+            self.logger.print(f"replica group {self.config.faults.replica_group}: took step {step} from a live peer "
+                              f"in {membership.heal_s:.2f} s (was at step {membership.healed_from})")
+            self.progress.start_clock()
+            self.throughput.reopen()
+            self.position_before_step = self.loader.state_dict()
+        elif self.from_storage_later:
+            self.from_storage_later = False
+            restored = self.checkpoints.checkpointer.load_latest({MODEL_KEY: self.state}, warn=self.warn)
+            if restored is not None:
+                self.checkpoints.saved_step = restored
+                self.accounting.ledger.joined_at(restored)
+                self.replicas.manager.load_state_dict({"step": restored, "batches_committed": 0})
+                self.logger.event("resume", step=restored, restart=restart_count(), reason="no live replica group ahead")
+                self.logger.print(f"resumed {self.out} from step {restored}: no live replica group was ahead")
+                self.progress.start_clock()
+                return self.join_step()
+        return membership
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, position: str,
+                   membership: Membership | None = None) -> StepResult | None:
         """One step, the clocks and counters after it, and its skip flag queued for the NaN guard. The
-        run's first step is also counted by torch's FLOP counter, a cross-check of the model math."""
+        run's first step is also counted by torch's FLOP counter, a cross-check of the model math. Under
+        replica groups, None when the step did not commit on every group (it runs again)."""
         tcfg, layout, progress = self.config.train, self.runtime.layout, self.progress
         self.lr = self.scheduler.get_last_lr()[0]
         poison = self.nan_guard.poison(progress.step + 1)
         inputs, targets, positions = self.runtime.split_sequences(inputs, targets)  # context parallel: a part of each
+        batch_sum = self.runtime.batch_sum  # over the ranks that hold the step's tokens: every replica group's too
+        if membership is not None:
+            batch_sum = lambda tensor: self.replicas.sum(self.runtime.batch_sum(tensor))  # noqa: E731
         step = lambda: train_step(self.model, self.optimizer, self.scheduler, inputs, targets, layout.mbs,  # noqa: E731
-                                  tcfg.grad_clip, self.runtime.device, layout.precision, poison, self.runtime.batch_sum,
-                                  positions, self.pipeline, self.runtime.sequence_sum)
+                                  tcfg.grad_clip, self.runtime.device, layout.precision, poison, batch_sum,
+                                  positions, self.pipeline, self.runtime.sequence_sum,
+                                  self.across_replicas if membership is not None else None)
         ledger = self.accounting.ledger
         # Not under pipeline parallelism: the counter's module hooks break the schedule's autograd.grad.
         if ledger.flop_counter_ratio is None and progress.step == 0 and self.pipeline is None:
             result, counted = counted_flops(step, self.model)
-            tokens = ledger.rates.tokens_per_step * ledger.rates.hardware_flops_per_token
+            tokens = layout.gbs * self.config.model.seq_len * ledger.rates.hardware_flops_per_token
             ledger.flop_counter_ratio = self.runtime.sum_over_ranks(float(counted)) / tokens
         else:
             result = step()
-        progress.advance(layout.gbs * self.config.model.seq_len)
-        self.accounting.step(progress.step)
+        if not result.committed:
+            self.loader.load_state_dict(self.position_before_step)
+            self.logger.event("step_retried", step=progress.step + 1, participants=membership.participants)
+            return None
+        participants = membership.participants if membership is not None else 1
+        self.step_tokens = layout.gbs * participants * self.config.model.seq_len
+        progress.advance(self.step_tokens)
+        short = membership is not None and participants < self.runtime.replica_groups
+        if short:
+            self.logger.event("replicas_short", step=progress.step, participants=participants,
+                              groups=self.runtime.replica_groups, tokens=self.step_tokens)
+        self.accounting.step(progress.step, self.step_tokens, short)
         self.throughput.tick()
         self.watchdog.beat(progress.step)
         self.nan_guard.record(UnreadVerdict(result.skipped, result.grad_norm, progress.step, position, poison))
         return result
+
+    def across_replicas(self, result: StepResult) -> bool:
+        """Average this group's gradients (and its loss, for the log) with the step's other replica groups,
+        and whether the step commits on all of them. Every parameter takes part, with a zero gradient where
+        it has none, so that every group's all-reduce has the same shape."""
+        for param in self.model.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+        loss = result.loss.detach().float().reshape(1).clone()
+        self.replicas.average([p.grad for p in self.model.parameters() if p.grad is not None] + [loss])
+        result.loss = loss[0]
+        return self.replicas.commit()
+
+    def transport_state(self) -> dict[str, Any]:
+        """What a live group sends a group that joins behind it: the checkpoint's state, shards as plain tensors."""
+        return to_transport(self.state.state_dict())
+
+    def load_transported(self, received: dict[str, Any]) -> None:
+        self.state.load_state_dict(from_transport(received, self.state.state_dict()))
 
     def skipped(self, verdict: UnreadVerdict) -> None:
         self.progress.skipped_steps += 1
@@ -319,13 +412,16 @@ class Trainer:
     def log(self, result: StepResult) -> None:
         runtime, progress = self.runtime, self.progress
         step_time = self.throughput.step_time()
-        tokens_per_s = self.accounting.ledger.rates.tokens_per_step / step_time
+        # MFU from this process's group: its own tokens on its own devices (tokens_per_s counts every group's).
+        group_tokens_per_s = runtime.layout.gbs * self.config.model.seq_len / step_time
         record = {
             "step": progress.step, "loss": runtime.batch_mean(result.loss).item(), "lr": self.lr,
-            "grad_norm": result.grad_norm.item(), "tokens": progress.tokens, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / (self.peak * runtime.layout.world_size) if self.peak else None,
+            "grad_norm": result.grad_norm.item(), "tokens": progress.tokens, "tokens_per_s": self.step_tokens / step_time,
+            "mfu": group_tokens_per_s * self.flops_per_token / (self.peak * runtime.layout.world_size) if self.peak else None,
             "elapsed_s": progress.elapsed_s, "step_time_s": step_time,
         }
+        if self.config.log.state_digest:
+            record["state_sha256"] = state_digest(self.model, self.optimizer)
         if result.aux_loss is not None:
             record["aux_loss"] = runtime.batch_mean(result.aux_loss).item()
             record["z_loss"] = runtime.batch_mean(result.z_loss).item()
@@ -365,7 +461,7 @@ class Trainer:
                          parent_cumulative_model_flops=lineage["cumulative_model_flops"])
             logger.print(f"fine-tuning from {lineage['run']} step {lineage['step']} "
                          f"({lineage['cumulative_model_flops']:.3g} FLOP before this run)")
-        ledger.start_segment(self.resumed_from or 0, restart_count())
+        ledger.start_segment(None if self.from_storage_later else self.resumed_from or 0, restart_count())
         self.accounting.warn_ahead(config.train.steps - self.progress.step)
         if self.resumed_from is not None:
             logger.event("resume", step=self.resumed_from, restart=restart_count())
@@ -478,6 +574,12 @@ def check_run_folder(out: Path, config: RunConfig) -> None:
                 f"{out} holds a run with a different [{section}] ({', '.join(f'{section}.{k}' for k in changed)}); "
                 "use the same config to resume, or a new --out folder"
             )
+
+
+def replica_folder(out: Path, config: RunConfig) -> Path:
+    """Where this process's run lives: the run folder, or under replica groups its group's own folder in
+    it (RUN/replica-K: its metrics, events, ledger and checkpoints)."""
+    return out / f"replica-{config.faults.replica_group}" if config.faults.replica_groups else out
 
 
 def restart_count() -> int:
