@@ -148,6 +148,15 @@ class Software:
     # with dependent computation via decomposition", ASPLOS): only what outlasts the layer's GEMMs waits.
     # Off by default: Colossus's trainer (DTensor) does not overlap them.
     overlap_tp_comm: bool = False
+    # The backward's tensor-parallel collective on each column-parallel layer's input gradient (the
+    # all-reduce, or with sequence parallelism the reduce-scatter) runs while that layer's weight-gradient
+    # GEMM computes, and the sequence-parallel re-gather of its input while the input-gradient GEMM does;
+    # the row-parallel layers' gradient all-gathers still wait (Megatron-LM's asynchronous
+    # tensor-model-parallel all-reduce, on by default since September 2021, and its sequence-parallel form,
+    # core/tensor_parallel/layers.py; Korthikanti et al. 2022, sections 4.2.2 and 6.2: it is why their full
+    # recompute costs 39% rather than 33%; with it this model gives their Table 4's 22B layer backward,
+    # 11.9 ms, where without it 13.3). Off by default: Colossus's trainer waits for each collective.
+    overlap_tp_backward: bool = False
     # Tensor parallelism splits the norms, dropout and residuals over the sequence too (Korthikanti et al.
     # 2022, section 4.2.2; Colossus always does). False: Megatron-LM before 2022, where each tp rank
     # repeats them on the whole sequence.
@@ -542,6 +551,13 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     # Recomputing a layer under sequence parallelism repeats its forward all-gathers (Korthikanti 4.2.2).
     repeated = 1.0 + (0.5 * fraction if layout.recompute == "full" else 0.0)
     tp_layer = layer.tp_comm * repeated
+    if software.overlap_tp_backward:
+        # Half of tp_comm is the backward's: without sequence parallelism its two all-reduces are the
+        # column-parallel layers' and hide; with it, of two all-gathers and two reduce-scatters the
+        # reduce-scatters hide (the re-gathers are extra traffic, hidden too). At most the backward's GEMMs
+        # hide them (the weight gradients' take as long as the forward's).
+        hidden = layer.tp_comm / 2 * (0.5 if software.sequence_parallel else 1.0)
+        tp_layer -= min(hidden, layer.forward_gemm)
     if software.overlap_tp_comm:
         tp_layer = max(0.0, tp_layer - 3 * layer.forward_gemm)
     ep_layer = layer.ep_comm * repeated
