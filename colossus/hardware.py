@@ -81,7 +81,7 @@ NIC_EFFICIENCY = 0.92
 # quantisation over the SMs). Fitted on the published runs of each architecture
 # (`python -m colossus.plan.validation --fit` prints the fit; tests/test_plan.py holds these to it).
 # Blackwell has no published run in the table yet: it takes Hopper's figure, an assumption.
-GEMM_EFFICIENCY = {"ampere": 0.69, "hopper": 0.63}
+GEMM_EFFICIENCY = {"ampere": 0.70, "hopper": 0.63}
 GEMM_EFFICIENCY["blackwell"] = GEMM_EFFICIENCY["hopper"]
 DEFAULT_GEMM_EFFICIENCY = 0.72  # a GPU table without arch
 

@@ -38,20 +38,20 @@ def validator() -> Validator:
 
 def test_published_runs_step_time(validator: Validator) -> None:
     """Every validated published run, in sample (the shipped constants): median step-time error at most
-    5.5% and none worse than 12% over 31 runs: MoE runs, runs on 8,000 to 16,384 GPUs, A100, H100 and
-    H200. Issue 19 asks for a 5% median; the README's table names the runs that miss. The memory model
-    refuses two layouts that were run, known misses: Llama 3 405B's (interleaved, no recompute), and the
-    1T model's interleaved schedule with selective recompute (Korthikanti et al. 2022 Fig. 1 reads about
-    59 GB for that run; the model counts 1 + (p-1)/(p m) times 1F1B's activations for interleaving)."""
+    4.5% and none worse than 12% over 33 runs: MoE runs, runs on 8,000 to 16,384 GPUs, A100, H100 and
+    H200 (issue 19 asks for 5%). The memory model refuses two layouts that were run, known misses: Llama 3
+    405B's (interleaved, no recompute), and the 1T model's interleaved schedule with selective recompute
+    (the 1 + (p-1)/(p m) factor on 1F1B's activations is Korthikanti et al.'s own, section 4.2.3; that run's
+    chunk count and its state's bytes per parameter are not published)."""
     rows = validator.rows
-    assert len(rows) >= 30
+    assert len(rows) >= 33
     assert sum(1 for row in rows if row["model"].get("n_experts", 1) > 1) >= 3
     assert sum(1 for row in rows if row["cluster"]["n_gpus"] >= 8000) >= 2
     assert {row["cluster"]["gpu"] for row in rows} >= {"a100-80gb", "h100-sxm", "h200-sxm"}
     checked = validator.in_sample()
     errors = {c.name: c.error for c in checked}
     worst = max(errors, key=lambda name: abs(errors[name]))
-    assert statistics.median(abs(e) for e in errors.values()) <= 0.055, errors
+    assert statistics.median(abs(e) for e in errors.values()) <= 0.045, errors
     assert abs(errors[worst]) <= 0.12, (worst, errors[worst])
     assert {c.name for c in checked if not c.fits} <= {"llama3-405b-8192gpu", "llama3-405b-16384gpu",
                                                        "korthikanti-2022-1t-selective"}
@@ -60,13 +60,31 @@ def test_published_runs_step_time(validator: Validator) -> None:
 def test_left_out_sources_and_the_shipped_constants_are_the_fit(validator: Validator) -> None:
     """The only fitted constants, the large-GEMM efficiency of each architecture, are what the published
     rows give (hardware.GEMM_EFFICIENCY is the fit, not a hand-set value); refit without each source in
-    turn, that source's rows are predicted with a median error at most 8% (issue 19's target)."""
+    turn, that source's rows are predicted with a median error at most 6% (issue 19 asks for 8%)."""
     assert validator.fit(validator.rows) == {arch: GEMM_EFFICIENCY[arch] for arch in ("ampere", "hopper")}
     left = validator.left_out()
     assert {c.name for c, _ in left} == {row["name"] for row in validator.rows}
-    assert statistics.median(abs(c.error) for c, _ in left) <= 0.08
+    assert statistics.median(abs(c.error) for c, _ in left) <= 0.06
     sources = {source_of(row) for row in validator.rows}
     assert len(sources) >= 10  # a refit without one source still has the others
+
+
+@pytest.mark.parametrize("recompute, sequence_parallel, published_ms", [
+    ("none", False, 19.6), ("none", True, 19.0), ("full", False, 27.2), ("selective", False, 20.9),
+    ("selective", True, 20.3)])
+def test_a_22b_layer_takes_korthikanti_table_4s_time(recompute: str, sequence_parallel: bool,
+                                                     published_ms: float) -> None:
+    """Korthikanti et al. 2022, Table 4: forward + backward of one layer of their 22B GPT (tp 8, micro-batch 4,
+    written-out attention), five ways. With the backward's tensor-parallel collectives behind its GEMMs, as
+    their Megatron-LM ran them (section 6.2), each is within 2.5% (without, 4-7% slower)."""
+    model = config_from_dict({"model": next(row for row in validated_runs()
+                                            if row["name"] == "korthikanti-2022-22b-full")["model"]}).model
+    layout = layout_from_keys(dict(tp=8, pp=1, dp=1, mbs=4, gbs=4, recompute=recompute, zero=0))
+    software = Software(fused_attention=False, sequence_parallel=sequence_parallel, overlap_grad_reduce=False,
+                        overlap_tp_backward=True)
+    predicted = predict(model, get_cluster("dgx-a100-8"), layout, software=software)
+    layer_ms = (predicted.time_s["compute"] + predicted.time_s["tensor_parallel"]) / model.n_layers * 1e3
+    assert layer_ms == pytest.approx(published_ms, rel=0.025)
 
 
 def test_h200_measurements_are_predicted() -> None:

@@ -148,6 +148,21 @@ class Software:
     # with dependent computation via decomposition", ASPLOS): only what outlasts the layer's GEMMs waits.
     # Off by default: Colossus's trainer (DTensor) does not overlap them.
     overlap_tp_comm: bool = False
+    # The backward's tensor-parallel collective on each column-parallel layer's input gradient (the
+    # all-reduce, or with sequence parallelism the reduce-scatter) runs while that layer's weight-gradient
+    # GEMM computes, and the sequence-parallel re-gather of its input while the input-gradient GEMM does;
+    # the row-parallel layers' gradient all-gathers still wait (Megatron-LM's asynchronous
+    # tensor-model-parallel all-reduce, on by default since September 2021, and its sequence-parallel form,
+    # core/tensor_parallel/layers.py; Korthikanti et al. 2022, sections 4.2.2 and 6.2: it is why their full
+    # recompute costs 39% rather than 33%; with it this model gives their Table 4's 22B layer backward,
+    # 11.9 ms, where without it 13.3). Off by default: Colossus's trainer waits for each collective.
+    overlap_tp_backward: bool = False
+    # Bytes per parameter that a separate pass moves every micro-batch to add the backward's weight gradients
+    # into the accumulated ones. 0: the weight-gradient GEMM accumulates into the gradient buffer itself
+    # (Megatron-LM's gradient_accumulation_fusion, from 2022; Transformer Engine), or FSDP reduces each
+    # micro-batch's gradients and adds only its shard. 6: autograd adds 16-bit gradients, reading both and
+    # writing the sum (Megatron-LM of 2021 in fp16). A row that accumulates otherwise says how.
+    grad_accumulation_bytes: float = 0.0
     # Tensor parallelism splits the norms, dropout and residuals over the sequence too (Korthikanti et al.
     # 2022, section 4.2.2; Colossus always does). False: Megatron-LM before 2022, where each tp rank
     # repeats them on the whole sequence.
@@ -542,6 +557,13 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     # Recomputing a layer under sequence parallelism repeats its forward all-gathers (Korthikanti 4.2.2).
     repeated = 1.0 + (0.5 * fraction if layout.recompute == "full" else 0.0)
     tp_layer = layer.tp_comm * repeated
+    if software.overlap_tp_backward:
+        # Half of tp_comm is the backward's: without sequence parallelism its two all-reduces are the
+        # column-parallel layers' and hide; with it, of two all-gathers and two reduce-scatters the
+        # reduce-scatters hide (the re-gathers are extra traffic, hidden too). At most the backward's GEMMs
+        # hide them (the weight gradients' take as long as the forward's).
+        hidden = layer.tp_comm / 2 * (0.5 if software.sequence_parallel else 1.0)
+        tp_layer -= min(hidden, layer.forward_gemm)
     if software.overlap_tp_comm:
         tp_layer = max(0.0, tp_layer - 3 * layer.forward_gemm)
     ep_layer = layer.ep_comm * repeated
@@ -572,12 +594,14 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     if layout.pp > 1:  # activations to the next stage forward and gradients back, per virtual stage
         element = 4 if profile is not None else 2
         p2p = 2 * layout.vpp * tokens_micro * m.d_model * element / layout.tp / machine.link_bytes_per_s(False)
-    micro = stage + p2p
     n_micro = layout.micro_batches
+    dense, expert = stage_params(m, layout)
+    # A separate gradient-accumulation pass over the rank's parameters in each micro-batch's backward.
+    accumulate = machine.memory_time(software.grad_accumulation_bytes * (dense + expert)) if n_micro > 1 else 0.0
+    micro = stage + p2p + accumulate
     bubble = pipeline_bubble(layout, micro, layers_per_stage * forward_layer, layers_per_stage * layer.forward_gemm)
     pipeline = n_micro * micro + bubble
 
-    dense, expert = stage_params(m, layout)
     # Ranks that shard the state (ZeRO 1-3), or that all-reduce whole gradients (ZeRO 0).
     replicas = layout.shard_group if layout.zero >= 1 else layout.dp * layout.cp
     # The ranks a data-parallel collective spans stay inside one node when tp x cp x their count fits in one.
@@ -632,7 +656,7 @@ def predict(m: ModelConfig, cluster: Cluster, layout: Layout, profile: object | 
     per_gpu = tokens_per_s * flops_per_token / layout.world_size
     peak = (profile.peak_flops() if profile is not None else cluster.gpu.peak_flops(layout.precision))
     time_parts = {
-        "compute": n_micro * layers_per_stage * compute_layer,
+        "compute": n_micro * (layers_per_stage * compute_layer + accumulate),
         "tensor_parallel": n_micro * layers_per_stage * tp_layer,
         "expert_parallel": n_micro * layers_per_stage * ep_layer,
         "context_parallel": n_micro * layers_per_stage * cp_exposed,
