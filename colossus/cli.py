@@ -258,6 +258,16 @@ def add_simulate_parser(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--storage-gb-s", type=float, default=DEFAULT_STORAGE_GB_S, metavar="X",
                      help=f"checkpoint storage bandwidth, GB/s (default {DEFAULT_STORAGE_GB_S:g})")
     sim.add_argument("--failures", metavar="FILE.toml", help="override failure rates ([failures] table)")
+    sim.add_argument("--recovery", choices=("restart", "replica"), default="restart",
+                     help="restart: every failure restarts the whole job from its checkpoint (default); replica: "
+                          "fault-tolerant replica groups ([faults] replica_groups), where a failed group takes the "
+                          "state from a live peer while the others train on")
+    sim.add_argument("--job-wide", metavar="CAUSE,...",
+                     help="with --recovery replica: the failure causes that still restart the whole job (default "
+                          "network_switch_cable,dependency; the causes are those of the Llama 3 log)")
+    sim.add_argument("--replica-groups", type=int, default=0, metavar="R",
+                     help="with --recovery replica: R groups (the layout's dp_replicate); default: as many as the "
+                          "layout's data parallelism allows")
     sim.add_argument("--grow", metavar="DAY:CLUSTER", help="switch to a bigger cluster on DAY (re-planned), --tokens only")
     sim.add_argument("--plot", metavar="FILE.png", help="write goodput against checkpoint interval")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
@@ -310,7 +320,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / config.model.name
     summary = train(config, out)
     if not summary["preempted"] and os.environ.get("RANK", "0") == "0":  # one line per run, not per process
-        print(f"done: step {summary['step']}, val_loss {summary['val_loss']:.4f} "
+        val_loss = "none" if summary["val_loss"] is None else f"{summary['val_loss']:.4f}"
+        print(f"done: step {summary['step']}, val_loss {val_loss} "
               f"(unigram baseline {summary['unigram_val_loss']:.4f}); run folder {replica_folder(out, config)}")
     code = EXIT_PREEMPTED if summary["preempted"] else 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -380,7 +391,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     options = SimulationOptions(
         days=args.days, tokens=args.tokens, layout=parse_layout(args.layout), checkpoint_interval_s=interval,
         checkpoint_mode=args.checkpoint_mode, trials=args.trials, seed=args.seed, restart_s=args.restart_s,
-        repair_hours=args.repair_hours, storage_gb_s=args.storage_gb_s, grow=(when, None) if args.grow else None)
+        repair_hours=args.repair_hours, storage_gb_s=args.storage_gb_s, grow=(when, None) if args.grow else None,
+        recovery=args.recovery, replica_groups=args.replica_groups,
+        **({"job_wide": frozenset(c for c in args.job_wide.split(",") if c)} if args.job_wide is not None else {}))
     options.check()  # the flags' own errors before any file, model or cluster is read
     if args.grow:
         options.grow = (when, get_cluster(name))

@@ -63,7 +63,7 @@ def plan_launch(nodes: int, procs_per_node: int, head: str, port: int, train_arg
 # survivors wait about that long once, then go on without it); a quorum waits up to JOIN_TIMEOUT_MS for
 # groups that are alive but late.
 HEARTBEAT_TIMEOUT_MS = 2000
-JOIN_TIMEOUT_MS = 10000
+JOIN_TIMEOUT_MS = 2000
 
 
 def lighthouse_command(port: int, min_replicas: int = 1) -> str:

@@ -424,3 +424,27 @@ def test_validation_batches() -> None:
     assert len(short) == 1 and short[0][0].shape == (1, seq) and int(short[0][0][0, 0]) == seq
     with pytest.raises(UserError, match="add data or raise data.val_fraction"):
         validation_batches(stream(10), seq, 4, 2)
+
+
+def test_a_missing_replica_groups_share_becomes_the_next_windows() -> None:
+    """Replica groups share one stream: with 3 groups of 2 sequences a full step reads 6 windows; with a
+    group missing it reads 4, and the stream goes on after them. Over a change of membership no window
+    is skipped or read twice: the groups' reads, in step and group order, are the plain loader's stream."""
+    tokens = np.arange(64 * 33 + 1) % 251
+    plain = TokenLoader(tokens, 32, 2, seed=3)
+    stream = np.concatenate([plain.next_window_ids() for _ in range(40)])
+    groups = [TokenLoader(tokens, 32, 2, seed=3) for _ in range(3)]
+    membership = [3, 3, 2, 2, 2, 3, 1, 3, 3, 2]  # groups in each step's quorum
+    read = []
+    for participants in membership:
+        for participant in range(participants):
+            inputs, targets = groups[participant].next_shared_batch(participant, participants)
+            read.append(inputs[:, 0].numpy())  # a window's first token identifies it (w x 32 mod 251)
+        states = {json.dumps(g.state_dict()) for g in groups[:participants]}
+        assert len(states) == 1  # every group in the step stands at the same position after it
+        for group in groups[participants:]:  # the missing ones take the position with the state they receive
+            group.load_state_dict(groups[0].state_dict())
+    first_tokens = np.concatenate(read)
+    expected = tokens[stream[:sum(membership) * 2] * 32]
+    assert np.array_equal(first_tokens, expected)
+    assert len(set(stream[:sum(membership) * 2].tolist())) == sum(membership) * 2  # within one epoch: no repeats

@@ -40,7 +40,8 @@ class Membership:
     participant: int
     participants: int
     healed_from: int | None = None  # the step this group was at before a peer's state brought it up to date
-    heal_s: float = 0.0  # the quorum's time, the state transfer included, when it healed
+    quorum_s: float = 0.0  # the quorum's time, the state transfer included
+    transfer_s: float = 0.0  # receiving and loading a peer's state, when it healed
 
 
 def lighthouse_address(configured: str) -> str:
@@ -97,7 +98,6 @@ class ReplicaGroups:
         os.environ.setdefault("RUST_LOG", "warn")
         logging.getLogger("torchft").setLevel(logging.ERROR)
         from torchft import Manager
-        from torchft.checkpointing.http_transport import HTTPTransport
         from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 
         timeout = timedelta(seconds=faults.replica_timeout_s)
@@ -108,10 +108,16 @@ class ReplicaGroups:
         # Synchronous quorum: the step's membership (and so its data) is known before the batch is drawn,
         # and a group that heals does so before its forward. init_sync off: every group starts from the
         # same seed or the same checkpoint, so step 0 needs no transfer.
-        transport = HTTPTransport(timeout=timeout, num_chunks=0)
-        if faults.inject_kill_in_recovery and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 1:
-            transport = _killed_while_receiving()(timeout=timeout, num_chunks=0)
-        self.manager = Manager(pg=pg, checkpoint_transport=transport, load_state_dict=load_state_dict, state_dict=state_dict,
+        kill = faults.inject_kill_in_recovery and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 1
+        self.transport = timed_transport(kill)(timeout=timeout, num_chunks=0)
+        self.loaded_s = 0.0
+
+        def load_timed(state: dict) -> None:
+            loading = time.perf_counter()
+            load_state_dict(state)
+            self.loaded_s += time.perf_counter() - loading
+
+        self.manager = Manager(pg=pg, checkpoint_transport=self.transport, load_state_dict=load_timed, state_dict=state_dict,
                                min_replica_size=faults.min_replicas, use_async_quorum=False, timeout=timeout,
                                quorum_timeout=timeout, connect_timeout=timeout, rank=rank, world_size=world,
                                store_addr=host, store_port=port, lighthouse_addr=address,
@@ -131,11 +137,14 @@ class ReplicaGroups:
 
     def _quorum(self) -> Membership:
         before, started = self.manager.current_step(), time.perf_counter()
+        self.transport.received_s = self.loaded_s = 0.0
         self.manager.start_quorum()
         participant = self.manager.participating_rank()
-        membership = Membership(participant if participant is not None else 0, self.manager.num_participants())
+        membership = Membership(participant if participant is not None else 0, self.manager.num_participants(),
+                                quorum_s=time.perf_counter() - started)
         if self.manager.current_step() != before:
-            membership.healed_from, membership.heal_s = before, time.perf_counter() - started
+            membership.healed_from = before
+            membership.transfer_s = self.transport.received_s + self.loaded_s
         return membership
 
     def average(self, tensors: list[torch.Tensor]) -> None:
@@ -200,13 +209,20 @@ def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> st
     return digest.hexdigest()
 
 
-def _killed_while_receiving():
-    """torchft's HTTP transport, with a receive that SIGKILLs its own process 50 ms in (faults.inject_kill_in_recovery)."""
+def timed_transport(kill_while_receiving: bool = False) -> type:
+    """torchft's HTTP checkpoint transport, timing each receive (received_s); with
+    `kill_while_receiving` (faults.inject_kill_in_recovery) a receive SIGKILLs its own process 50 ms in."""
     from torchft.checkpointing.http_transport import HTTPTransport
 
-    class KilledWhileReceiving(HTTPTransport):
-        def recv_checkpoint(self, *args, **kwargs):
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
-            return super().recv_checkpoint(*args, **kwargs)
+    class TimedTransport(HTTPTransport):
+        received_s = 0.0
 
-    return KilledWhileReceiving
+        def recv_checkpoint(self, *args, **kwargs):
+            if kill_while_receiving:
+                threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            receiving = time.perf_counter()
+            state = super().recv_checkpoint(*args, **kwargs)
+            self.received_s += time.perf_counter() - receiving
+            return state
+
+    return TimedTransport

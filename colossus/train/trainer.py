@@ -47,20 +47,24 @@ from colossus.train.peak import device_peak_flops
 from colossus.train.prediction import PlannerCheck
 from colossus.train.replicas import (Membership, ReplicaGroups, check_reachable, from_transport, lighthouse_address,
                                      state_digest, to_transport)
+from colossus.train.startup import StartupTimes
 from colossus.train.step import StepResult, train_step
 
 
 def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in folder `out`; returns the run summary (also saved as summary.json)."""
+    startup = StartupTimes()
+    startup.mark("imported")
     out = replica_folder(Path(out), config)
     check_run_folder(out, config)
     if config.faults.replica_groups:  # before anything is built or written
         check_reachable(lighthouse_address(config.faults.lighthouse))
     runtime = setup_runtime(config)  # layout checked against world size and model before any build
+    startup.mark("process_group")
     finished = False
     try:
         with deterministic_kernels(config.train.deterministic):
-            summary = Trainer(config, out, runtime).fit()
+            summary = Trainer(config, out, runtime, startup).fit()
         finished = True
         return summary
     finally:
@@ -147,8 +151,9 @@ class Trainer:
     """One run: its components, built from the config. `state` (model, optimizer, schedule, loader,
     progress) is what a checkpoint holds; each other component decides for itself when it acts."""
 
-    def __init__(self, config: RunConfig, out: Path, runtime: Runtime):
+    def __init__(self, config: RunConfig, out: Path, runtime: Runtime, startup: StartupTimes | None = None):
         self.config, self.out, self.runtime = config, out, runtime
+        self.startup = startup or StartupTimes()
         tcfg, mcfg, layout, device = config.train, config.model, runtime.layout, runtime.device
         set_threads(tcfg.threads)
         self.data = prepare_tokens(config.data, mcfg.vocab_size, mcfg.seq_len)
@@ -173,6 +178,7 @@ class Trainer:
         self.progress = Progress()
         self.state = TrainingState(self.model, self.optimizer, self.scheduler, self.loader, self.progress)
         self.replicas: ReplicaGroups | None = None
+        self.startup.mark("built")
         try:
             self.open_run()
         except BaseException:  # the loop closes these otherwise
@@ -200,8 +206,11 @@ class Trainer:
         # reads its own checkpoint only if no peer is ahead of it (the whole job was down).
         self.warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
         self.from_storage_later = runtime.replica_groups > 1 and restart_count() > 0
+        reading = time.perf_counter()
         self.resumed_from = None if self.from_storage_later else checkpointer.load_latest({MODEL_KEY: self.state},
                                                                                            warn=self.warn)
+        if self.resumed_from is not None:
+            self.startup.took("checkpoint_read", time.perf_counter() - reading)
         self.checkpoints.saved_step = self.resumed_from
         lineage = None
         if self.resumed_from is None and tcfg.init_from:  # a fine-tune starts from another run's weights
@@ -227,8 +236,10 @@ class Trainer:
         self.peak = device_peak_flops(device, layout.precision, self.planner.cpu_profile if self.planner else None)
         self.announce(lineage, ledger)
         if runtime.replica_groups > 1:
+            setting_up = time.perf_counter()
             self.replicas = ReplicaGroups(config.faults, device, self.progress.step, self.transport_state,
                                           self.load_transported)
+            self.startup.took("replica_setup", time.perf_counter() - setting_up)
             self.logger.print(f"replica group {config.faults.replica_group} of {runtime.replica_groups} "
                               f"(torchft, Lighthouse {config.faults.lighthouse or '$TORCHFT_LIGHTHOUSE'})")
 
@@ -240,7 +251,14 @@ class Trainer:
                 if self.accounting.stop_due():  # before the next batch is drawn: a resume trains on it
                     stop = self.stop("stopped at threshold")
                     break
-                batch = self.next_batch()
+                try:
+                    batch = self.next_batch()
+                except RunFinishedByPeers as finished:
+                    stop = "finished by peers"
+                    self.logger.event("finished_by_peers", step=progress.step, peer=str(finished))
+                    self.logger.print(f"the run finished in {finished} while this replica group was down; "
+                                      "nothing left to train")
+                    break
                 if batch is None:
                     continue
                 result = self.train_step(*batch)
@@ -277,7 +295,8 @@ class Trainer:
             self.accounting.finish(stop or "finished")
             if self.replicas is not None:
                 self.replicas.close()
-        return self.summary(preempted=stop == "preempted", stopped_at_threshold=stop == "stopped at threshold")
+        return self.summary(preempted=stop == "preempted", stopped_at_threshold=stop == "stopped at threshold",
+                            finished_by_peers=stop == "finished by peers")
 
     # ------------------------------------------------------------------ what the loop asks for
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, str, Membership | None] | None:
@@ -302,19 +321,26 @@ class Trainer:
         # A run's first step waits (up to faults.replica_timeout_s) for every group, so that it starts whole.
         first = self.progress.step == 0 and restart_count() == 0
         membership = self.replicas.start_step(self.config.faults.replica_timeout_s if first else 0.0)
+        if not self.startup.reported:
+            self.startup.took("quorum", membership.quorum_s - membership.transfer_s)
+            self.startup.took("transfer", membership.transfer_s)
         if membership.healed_from is not None:
             self.from_storage_later = False
             step = self.progress.step
             self.accounting.ledger.joined_at(step)
             self.logger.event("recovered_from_peer", step=step, from_step=membership.healed_from,
-                              seconds=round(membership.heal_s, 3), participants=membership.participants)
+                              seconds=round(membership.quorum_s, 3), transfer_s=round(membership.transfer_s, 3),
+                              participants=membership.participants)
             self.logger.print(f"replica group {self.config.faults.replica_group}: took step {step} from a live peer "
-                              f"in {membership.heal_s:.2f} s (was at step {membership.healed_from})")
+                              f"in {membership.quorum_s:.2f} s (was at step {membership.healed_from})")
             self.progress.start_clock()
             self.throughput.reopen()
             self.position_before_step = self.loader.state_dict()
         elif self.from_storage_later:
             self.from_storage_later = False
+            peer = finished_peer(self.out, self.config.train.steps)
+            if peer is not None:  # no live group because they all finished while this one was down
+                raise RunFinishedByPeers(peer)
             restored = self.checkpoints.checkpointer.load_latest({MODEL_KEY: self.state}, warn=self.warn)
             if restored is not None:
                 self.checkpoints.saved_step = restored
@@ -362,6 +388,9 @@ class Trainer:
             self.logger.event("replicas_short", step=progress.step, participants=participants,
                               groups=self.runtime.replica_groups, tokens=self.step_tokens)
         self.accounting.step(progress.step, self.step_tokens, short)
+        if not self.startup.reported:  # this process's first step: how long each stage before it took
+            self.startup.mark("first_step")
+            self.logger.event("startup", step=progress.step, restart=restart_count(), **self.startup.report())
         self.throughput.tick()
         self.watchdog.beat(progress.step)
         self.nan_guard.record(UnreadVerdict(result.skipped, result.grad_norm, progress.step, position, poison))
@@ -404,6 +433,9 @@ class Trainer:
         self.progress.skipped_steps = skipped_steps
         self.logger.event("rollback", from_step=bad.step, to_step=restored, skip_batch=bad.position)
         self.accounting.rollback(ran_to, restored)  # the steps run after the bad one are lost too
+        if self.replicas is not None:  # every group rolls back alike (they averaged the same gradients); one
+            # without that checkpoint (it joined later) restores an older one and the next quorum heals it
+            self.replicas.manager.load_state_dict({"step": self.progress.step, "batches_committed": 0})
         self.nan_guard.rolled_back()
         self.progress.start_clock()
         self.throughput.reopen()
@@ -481,7 +513,7 @@ class Trainer:
         self.progress.start_clock()
         self.throughput.reopen()
 
-    def summary(self, preempted: bool, stopped_at_threshold: bool) -> dict[str, Any]:
+    def summary(self, preempted: bool, stopped_at_threshold: bool, finished_by_peers: bool = False) -> dict[str, Any]:
         mcfg, progress, ledger = self.config.model, self.progress, self.accounting.ledger
         summary = {
             "step": progress.step, "tokens": progress.tokens, "val_loss": self.val_loss,
@@ -497,7 +529,9 @@ class Trainer:
         if self.planner is not None and self.planner.summary().get("measured"):
             summary.update(self.planner.summary())
             self.logger.print(planner_line(summary))
-        if self.config.eval.sample_tokens > 0 and not preempted:
+        if finished_by_peers:
+            summary["finished_by_peers"] = True
+        if self.config.eval.sample_tokens > 0 and not preempted and not finished_by_peers:
             summary["sample"] = sample_text(self.model, self.data.tokenizer, self.config, self.runtime.device,
                                             self.pipeline)
             self.logger.print(f"sample:\n{summary['sample']}")
@@ -574,6 +608,21 @@ def check_run_folder(out: Path, config: RunConfig) -> None:
                 f"{out} holds a run with a different [{section}] ({', '.join(f'{section}.{k}' for k in changed)}); "
                 "use the same config to resume, or a new --out folder"
             )
+
+
+class RunFinishedByPeers(Exception):
+    """The other replica groups finished the run while this one was down (the message: where)."""
+
+
+def finished_peer(out: Path, steps: int) -> Path | None:
+    """Another replica group's folder beside `out` whose summary says it trained all `steps`."""
+    for summary in sorted(out.parent.glob("replica-*/summary.json")):
+        try:
+            if summary.parent != out and json.loads(summary.read_text()).get("step") == steps:
+                return summary.parent
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
 
 
 def replica_folder(out: Path, config: RunConfig) -> Path:
