@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--procs-per-node", type=int, default=8, help="processes per node, one per GPU (default 8)")
     launch.add_argument("--head", default="127.0.0.1", help="address of the rendezvous (head) node")
     launch.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node (default 29500)")
-    launch.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure (default 0)")
+    launch.add_argument("--max-restarts", type=int, default=None,
+                        help="torchrun restarts after a failure (default 0; 3 with --replica-groups)")
     launch.add_argument("--replica-groups", type=int, default=0, metavar="R",
                         help="split the job into R fault-tolerant replica groups (torchft): the Lighthouse, then one "
                              "torchrun job per group that restarts on its own; sets [faults] replica_groups")
@@ -277,6 +278,8 @@ def run_launch(args: argparse.Namespace) -> int:
     from colossus.launch import plan_launch
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.max_restarts is None:  # a replica group is meant to come back on its own
+        args.max_restarts = 3 if args.replica_groups else 0
     if args.replica_groups:
         from colossus.launch import plan_replica_launch
 
