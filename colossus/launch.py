@@ -61,9 +61,11 @@ def plan_launch(nodes: int, procs_per_node: int, head: str, port: int, train_arg
 
 # The Lighthouse's timings: a dead group is noticed after HEARTBEAT_TIMEOUT_MS without a heartbeat (the
 # survivors wait about that long once, then go on without it); a quorum waits up to JOIN_TIMEOUT_MS for
-# groups that are alive but late.
+# groups that are alive but late (steps of a few seconds vary by seconds between groups: with 2 s, a
+# ~100M model on a busy CPU left a slow group out of a quorum again and again, and each time it had to
+# take the state from a peer).
 HEARTBEAT_TIMEOUT_MS = 2000
-JOIN_TIMEOUT_MS = 2000
+JOIN_TIMEOUT_MS = 10000
 
 
 def lighthouse_command(port: int, min_replicas: int = 1) -> str:

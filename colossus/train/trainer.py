@@ -235,18 +235,23 @@ class Trainer:
         self.flops_per_token = modelmath.flops_per_token(mcfg)
         self.peak = device_peak_flops(device, layout.precision, self.planner.cpu_profile if self.planner else None)
         self.announce(lineage, ledger)
-        if runtime.replica_groups > 1:
-            setting_up = time.perf_counter()
-            self.replicas = ReplicaGroups(config.faults, device, self.progress.step, self.transport_state,
-                                          self.load_transported)
-            self.startup.took("replica_setup", time.perf_counter() - setting_up)
-            self.logger.print(f"replica group {config.faults.replica_group} of {runtime.replica_groups} "
-                              f"(torchft, Lighthouse {config.faults.lighthouse or '$TORCHFT_LIGHTHOUSE'})")
+
+    def join_replica_groups(self) -> None:
+        """This group's torchft Manager, made just before its first quorum: from then on the Lighthouse
+        counts it as alive, and a quorum waits for a live group that has not asked to join yet."""
+        setting_up = time.perf_counter()
+        self.replicas = ReplicaGroups(self.config.faults, self.runtime.device, self.progress.step, self.transport_state,
+                                      self.load_transported)
+        self.startup.took("replica_setup", time.perf_counter() - setting_up)
+        self.logger.print(f"replica group {self.config.faults.replica_group} of {self.runtime.replica_groups} "
+                          f"(torchft, Lighthouse {self.config.faults.lighthouse or '$TORCHFT_LIGHTHOUSE'})")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         steps, progress, stop = self.config.train.steps, self.progress, None
         with PreemptionGuard() as preemption, self.watchdog, contextlib.closing(self.loader), self.logger:
+            if self.runtime.replica_groups > 1:
+                self.join_replica_groups()
             while progress.step < steps:
                 if self.accounting.stop_due():  # before the next batch is drawn: a resume trains on it
                     stop = self.stop("stopped at threshold")
