@@ -45,6 +45,14 @@ LLAMA3_CAUSES: dict[str, tuple[int, str]] = {
 LLAMA3_PLANNED = 47
 # Hardware causes take a node out until it is repaired or swapped for a spare; software ones do not.
 SOFTWARE_CAUSES = frozenset({"software_bug", "nccl_watchdog", "dependency"})
+# Causes that can take down more than one replica group at once, which replica recovery ([faults]
+# replica_groups) cannot contain, so that the job restarts: a switch serves many nodes (a leaf switch of a
+# rail-optimised fabric, one rail of every node under it) and the log counts switches and cables together,
+# so all of them count; a dependency (storage, the scheduler) serves every node. Everything else fails in
+# one node or one process: a GPU, its memory, a host, a NIC, a crashed or hung rank (software bugs and NCCL
+# watchdog timeouts: a restart of the processes is what cures them, and a bug that hit every rank at once
+# would not be cured by one either). `colossus simulate --job-wide` reads the log otherwise.
+JOB_WIDE_CAUSES = frozenset({"network_switch_cable", "dependency"})
 
 
 @dataclass

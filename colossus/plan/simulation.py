@@ -16,7 +16,7 @@ from colossus.errors import UserError
 from colossus.files import atomic_file
 from colossus.plan.cluster import Cluster
 from colossus.plan.costmodel import Prediction, busy_fraction, it_power_w
-from colossus.plan.failures import FailureModel
+from colossus.plan.failures import JOB_WIDE_CAUSES, LLAMA3_CAUSES, SOFTWARE_CAUSES, FailureModel
 from colossus.plan.search import search
 from colossus.plan.simulate import (CheckpointCost, Outcome, Scenario, best_interval, daly_interval, simulate,
                                     young_interval)
@@ -35,6 +35,18 @@ CHECKPOINT_COORDINATION_S = 5.0
 # checkpoint (an assumption: minutes on a large cluster with hot spares; override with --restart-s).
 DEFAULT_RESTART_S = 300.0
 
+# Replica recovery ([faults] replica_groups, torchft), measured by bench/recovery.py on a CPU (an Intel
+# Xeon, 2 vCPU, 3 processes of one thread; medians of 2 runs): seconds from SIGKILL until the restarted
+# group's process had started again (torchrun noticed and started it: 0.46 s), imported Python, torch and
+# Colossus (5.06), joined its group's process group (0.00: a group of one), built its model (4.74) and set
+# up torchft's Manager and its first quorum (1.00); then it received a live peer's state, 1.02 GB of
+# weights and AdamW moments in 2.80 s (torchft's HTTP transport through host memory). Figures of the ~100M
+# dense model, the larger of the two measured; a GPU node adds its CUDA context and NCCL set-up, so these
+# are lower bounds there. tests/test_simulate.py holds them to the committed result file.
+MEASURED_RECOVERY_FILE = "bench/results/recovery-2026-12-02.json"
+GROUP_RESTART_S = 0.46 + 5.06 + 0.00 + 4.74 + 1.00
+TRANSFER_BYTES_PER_S = 1_021_805_568 / 2.80
+
 
 @dataclass
 class SimulationOptions:
@@ -52,6 +64,9 @@ class SimulationOptions:
     storage_gb_s: float = DEFAULT_STORAGE_GB_S
     failures: FailureModel = field(default_factory=FailureModel.llama3)
     grow: tuple[float, Cluster] | None = None  # (day, bigger cluster): re-planned there; with tokens only
+    recovery: str = "restart"  # restart: every failure restarts the job; replica: one replica group recovers
+    replica_groups: int = 0  # replica recovery: groups (the layout's dp_replicate); 0 = as many as the batch allows
+    job_wide: frozenset[str] = JOB_WIDE_CAUSES  # replica recovery: causes that still restart the whole job
 
     def check(self) -> None:
         if (self.days is None) == (self.tokens is None):
@@ -68,6 +83,60 @@ class SimulationOptions:
             raise UserError(f"--checkpoint-interval must be positive, got {self.checkpoint_interval_s:g}")
         if self.grow and self.tokens is None:
             raise UserError("--grow needs --tokens (a run that grows mid-way); with --days simulate each cluster alone")
+        if self.recovery not in ("restart", "replica"):
+            raise UserError(f"--recovery {self.recovery!r}: choose restart or replica")
+        if self.replica_groups < 0 or self.replica_groups == 1:
+            raise UserError(f"--replica-groups {self.replica_groups}: use 2 or more (0 = as many as the layout allows)")
+        if self.replica_groups and self.recovery != "replica":
+            raise UserError("--replica-groups needs --recovery replica")
+        unknown = sorted(set(self.job_wide) - set(LLAMA3_CAUSES))
+        if unknown:
+            raise UserError(f"--job-wide: unknown cause {', '.join(unknown)}; choose from {', '.join(LLAMA3_CAUSES)}")
+
+
+@dataclass
+class GroupRecovery:
+    """Replica recovery: what one replica group's failure costs the job, which keeps training without it.
+    The failures that take down more than one group (failures.JOB_WIDE_CAUSES) still restart the job."""
+
+    groups: int
+    failures_per_day: float  # failures that take out one group
+    out_s: float  # the group's restart and state transfer: it is missing from the steps meanwhile
+    transfer_s: float  # its state from a live peer: the peers wait for it in the step it rejoins
+    stall_s: float  # every group waits this long when a peer dies: the Lighthouse's heartbeat timeout, and the
+    # step that was running is run again
+
+    @property
+    def cost_s(self) -> float:
+        """Training seconds the job loses per group failure: everyone's stall, then 1/groups of the
+        throughput for as long as the group is out."""
+        return self.stall_s + self.transfer_s + self.out_s / self.groups
+
+    def speed(self) -> float:
+        """The job's mean speed as a share of its speed with every group (Poisson failures, each
+        costing cost_s of training)."""
+        return max(0.0, 1.0 - self.failures_per_day / 86400 * self.cost_s)
+
+    def short_fraction(self) -> float:
+        """Share of the steps that run with a group missing (a smaller batch)."""
+        return min(1.0, self.failures_per_day / 86400 * self.out_s)
+
+
+def group_recovery(model: ModelConfig, prediction: Prediction, cluster: Cluster, failures: dict[str, float],
+                   job_wide: frozenset[str] = JOB_WIDE_CAUSES) -> GroupRecovery:
+    """A group's recovery, from the measured breakdown: its restart as measured, then its GPUs each receive
+    their shard of the state (weights and AdamW moments, spread over the group's GPUs) at the measured
+    transport rate or the NIC's, whichever is slower."""
+    from colossus.launch import HEARTBEAT_TIMEOUT_MS
+
+    layout = prediction.layout
+    state_bytes = modelmath.params_total(model) * (modelmath.MASTER_BYTES + modelmath.OPTIMIZER_BYTES)
+    per_gpu = state_bytes / (layout.world_size // layout.dp_replicate)
+    rate = min(TRANSFER_BYTES_PER_S, cluster.nic_gbps / 8 * 1e9)
+    transfer = per_gpu / rate
+    local = sum(v for cause, v in failures.items() if cause not in job_wide)
+    return GroupRecovery(layout.dp_replicate, local, GROUP_RESTART_S + transfer, transfer,
+                         HEARTBEAT_TIMEOUT_MS / 1000 + prediction.step_time_s)
 
 
 @dataclass
@@ -78,25 +147,56 @@ class Phase:
     prediction: Prediction
     scenario: Scenario
     failures: dict[str, float]  # unexpected interruptions per day by cause
+    groups: GroupRecovery | None = None  # replica recovery
 
 
 def plan_phase(model: ModelConfig, cluster: Cluster, options: SimulationOptions) -> Phase:
     failures = options.failures
-    result = search(model, cluster, dict(options.layout), top=1)
-    if not result.ranked:
-        raise UserError(f"{model.name} fits in no layout of {cluster.n_gpus:,} x {cluster.gpu.name}; see `colossus plan`")
-    best = result.ranked[0]
+    best = replica_layout(model, cluster, options) if options.recovery == "replica" else None
+    if best is None:
+        result = search(model, cluster, dict(options.layout), top=1)
+        if not result.ranked:
+            raise UserError(f"{model.name} fits in no layout of {cluster.n_gpus:,} x {cluster.gpu.name}; see `colossus plan`")
+        best = result.ranked[0]
     # A checkpoint holds the fp32 parameters and both AdamW moments.
     state_bytes = modelmath.params_total(model) * (modelmath.MASTER_BYTES + modelmath.OPTIMIZER_BYTES)
     write_s = state_bytes / (options.storage_gb_s * 1e9)
     staging_s = state_bytes / cluster.n_gpus / (STAGING_GB_S * 1e9)
     block_s = CHECKPOINT_COORDINATION_S + (staging_s if options.checkpoint_mode == "async" else write_s)
     checkpoint = CheckpointCost(block_s=block_s, write_s=write_s, load_s=write_s)
-    scenario = Scenario(mtti_s=failures.mtti_s(cluster.n_gpus, cluster.gpus_per_node),
+    by_cause = failures.unexpected_per_day(cluster.n_gpus, cluster.gpus_per_node)
+    # Under replica recovery only the failures that take down more than one group restart the job.
+    restarting = {k: v for k, v in by_cause.items() if k in options.job_wide} if options.recovery == "replica" else by_cause
+    hardware = sum(v for k, v in restarting.items() if k not in SOFTWARE_CAUSES)
+    scenario = Scenario(mtti_s=86400 / sum(restarting.values()) if sum(restarting.values()) else float("inf"),
                         planned_per_s=failures.planned_per_day / 86400, checkpoint=checkpoint, restart_s=options.restart_s,
-                        repair_s=options.repair_hours * 3600, hardware_share=failures.hardware_share(cluster.n_gpus, cluster.gpus_per_node),
+                        repair_s=options.repair_hours * 3600,
+                        hardware_share=hardware / sum(restarting.values()) if sum(restarting.values()) else 0.0,
                         spare_nodes=(cluster.n_gpus - best.layout.world_size) // cluster.gpus_per_node)
-    return Phase(cluster, best, scenario, failures.unexpected_per_day(cluster.n_gpus, cluster.gpus_per_node))
+    groups = group_recovery(model, best, cluster, by_cause, options.job_wide) if options.recovery == "replica" else None
+    return Phase(cluster, best, scenario, by_cause, groups)
+
+
+def replica_layout(model: ModelConfig, cluster: Cluster, options: SimulationOptions) -> Prediction:
+    """The fastest layout with --replica-groups replicas (dp_replicate), or with 0 as many as the best
+    layout's data-parallel degree allows outside expert parallelism (ep ranks read different data but
+    hold different experts: they cannot be replicas of each other)."""
+    fixed = dict(options.layout)
+    if options.replica_groups:
+        fixed["dp_replicate"] = options.replica_groups
+    elif "dp_replicate" not in fixed:
+        result = search(model, cluster, dict(fixed), top=1)
+        if not result.ranked:
+            raise UserError(f"{model.name} fits in no layout of {cluster.n_gpus:,} x {cluster.gpu.name}; see `colossus plan`")
+        layout = result.ranked[0].layout
+        fixed["dp_replicate"] = max(2, layout.dp // layout.ep)
+    result = search(model, cluster, fixed, top=1)
+    if not result.ranked:
+        raise UserError(f"{model.name} fits in no layout of {cluster.n_gpus:,} x {cluster.gpu.name} with "
+                        f"dp_replicate = {fixed['dp_replicate']} replica groups; pick another --replica-groups")
+    if result.ranked[0].layout.dp_replicate < 2:
+        raise UserError("replica recovery needs dp_replicate >= 2: give --replica-groups or --layout dp_replicate=R")
+    return result.ranked[0]
 
 
 def simulate_run(model: ModelConfig, cluster: Cluster, options: SimulationOptions) -> dict:
@@ -105,7 +205,9 @@ def simulate_run(model: ModelConfig, cluster: Cluster, options: SimulationOption
     options.check()
     first = plan_phase(model, cluster, options)
     scenario = first.scenario
-    work_s = options.tokens / first.prediction.tokens_per_s if options.tokens is not None else None
+    # Under replica recovery a group's failure slows the job rather than stopping it: the training time
+    # needed grows by 1 / speed (and goodput counts only the useful part of it).
+    work_s = options.tokens / (first.prediction.tokens_per_s * speed(first)) if options.tokens is not None else None
     horizon_s = options.days * 86400 if options.days is not None else None
     if options.grow:  # the interval is chosen for the first phase; the second gets its own Daly-scaled one
         horizon_s, work_s = options.grow[0] * 86400, None
@@ -117,24 +219,36 @@ def simulate_run(model: ModelConfig, cluster: Cluster, options: SimulationOption
     phases = [(first, outcome, interval)]
     if options.grow:
         second = plan_phase(model, options.grow[1], options)
-        done_tokens = outcome.work_s * first.prediction.tokens_per_s
+        done_tokens = outcome.work_s * first.prediction.tokens_per_s * speed(first)
         left = np.maximum(options.tokens - done_tokens, 0.0)
         # Each trial continues on the new cluster; its interval scales like Daly's with the new MTTI.
         second_interval = interval * math.sqrt(second.scenario.mtti_s / scenario.mtti_s)
         tail = simulate(second.scenario, second_interval, options.trials, options.seed + 1,
-                        work_s=np.maximum(left / second.prediction.tokens_per_s, 1.0))
+                        work_s=np.maximum(left / (second.prediction.tokens_per_s * speed(second)), 1.0))
         # a re-plan costs one planned restart (new layout: load and reshard the checkpoint)
         switch = second.scenario.restart_s + second.scenario.checkpoint.load_s
         tail.wall_s = tail.wall_s + switch
         tail.restart_s = tail.restart_s + switch
         phases.append((second, tail, second_interval))
-    return _report(options, model, phases, curve)
+    report = _report(options, model, phases, curve)
+    if options.recovery == "replica":  # today's figure beside it: the same run where every failure restarts all
+        from dataclasses import replace
+
+        restart = simulate_run(model, cluster, replace(options, recovery="restart", replica_groups=0))
+        report["goodput_restart"] = restart["goodput"]
+        report["days_p50_restart"] = restart["days_p50"]
+    return report
+
+
+def speed(phase: Phase) -> float:
+    return phase.groups.speed() if phase.groups is not None else 1.0
 
 
 def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[Phase, Outcome, float]],
             curve: list[tuple[float, float]]) -> dict:
     wall = sum(o.wall_s for _, o, _ in phases)
-    work = sum(o.work_s for _, o, _ in phases)
+    work = sum(o.work_s * speed(p) for p, o, _ in phases)  # training at full speed: what the run got done
+    group_lost = sum(o.work_s * (1 - speed(p)) for p, o, _ in phases)
     restarts = sum(o.restart_s for _, o, _ in phases)
     first, outcome, interval = phases[0]
     energy_j = 0.0
@@ -171,7 +285,7 @@ def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[P
         "repair_wait_s": scenario.repair_wait()[1],
         "goodput": float(np.mean(work / wall)),
         "goodput_p10": float(np.percentile(work / wall, 10)),
-        "lost_training_hours": float(sum(o.lost_s for _, o, _ in phases).mean() / 3600),
+        "lost_training_hours": float((sum(o.lost_s for _, o, _ in phases) + group_lost).mean() / 3600),
         "restart_hours": float(restarts.mean() / 3600),
         "days_p50": float(np.percentile(wall, 50) / 86400),
         "days_p90": float(np.percentile(wall, 90) / 86400),
@@ -184,6 +298,16 @@ def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[P
     }
     if options.tokens is not None:
         report["tokens"] = options.tokens
+    report["recovery"] = options.recovery
+    if first.groups is not None:
+        g = first.groups
+        report.update({
+            "replica_groups": g.groups, "group_failures_per_day": g.failures_per_day,
+            "job_restarts_per_day": sum(first.failures.values()) - g.failures_per_day,
+            "group_recovery_s": g.out_s, "group_transfer_s": g.transfer_s, "group_stall_s": g.stall_s,
+            "group_failure_cost_s": g.cost_s, "short_step_fraction": g.short_fraction(),
+            "group_failures": float(np.mean(sum(o.wall_s for _, o, _ in phases))) / 86400 * g.failures_per_day,
+        })
     if len(phases) > 1:
         report["phases"] = [{"cluster": p.cluster.name, "n_gpus": p.cluster.n_gpus, "layout": p.prediction.to_json()["layout"],
                              "tokens_per_s": p.prediction.tokens_per_s, "mtti_s": p.scenario.mtti_s,
@@ -196,8 +320,9 @@ def print_simulation(report: dict) -> None:
     r = report
     print(f"{r['model']} on {r['cluster']} ({r['n_gpus']:,} GPUs), {r['tokens_per_s']:,.0f} tokens/s when training; "
           f"{r['trials']} trials, seed {r['seed']}")
-    print(f"interruptions: {r['unexpected_per_day']:.1f} unexpected per day (MTTI {r['mtti_s'] / 60:.0f} min); "
-          f"{r['interruptions_unexpected']:,.0f} unexpected and {r['interruptions_planned']:,.0f} planned over the run")
+    mtti, restarts = ("MTTI", "unexpected") if r["recovery"] == "restart" else ("a job restart every", "job-wide")
+    print(f"interruptions: {r['unexpected_per_day']:.1f} unexpected per day ({mtti} {r['mtti_s'] / 60:.0f} min); "
+          f"{r['interruptions_unexpected']:,.0f} {restarts} and {r['interruptions_planned']:,.0f} planned restarts over the run")
     print(f"checkpoint ({r['checkpoint_mode']}): blocks {r['checkpoint_block_s']:.1f} s, written in {r['checkpoint_write_s']:.0f} s; "
           f"every {r['checkpoint_interval_s'] / 60:.1f} min (Young {r['young_interval_s'] / 60:.1f}, Daly {r['daly_interval_s'] / 60:.1f}); "
           f"restart {r['restart_s'] / 60:.1f} min")
@@ -205,8 +330,15 @@ def print_simulation(report: dict) -> None:
         print(f"spares: {r['spare_nodes']:,} nodes beside the {r['gpus_used']:,} GPUs training; a hardware failure finds "
               f"none free {r['repair_wait_chance']:.1%} of the time and then waits {r['repair_wait_s'] / 3600:.1f} h "
               f"(repair {r['repair_hours']:g} h)")
+    if r["recovery"] == "replica":
+        print(f"replica recovery: {r['replica_groups']} groups; {r['group_failures_per_day']:.1f} failures a day take out "
+              f"one group, which is back in {r['group_recovery_s']:.1f} s (state from a peer in "
+              f"{r['group_transfer_s']:.2f} s) while the others train on; each costs the job "
+              f"{r['group_failure_cost_s']:.1f} s of training; {r['short_step_fraction']:.2%} of steps run with a group "
+              f"missing; {r['job_restarts_per_day']:.1f} failures a day still restart the job")
     print(f"goodput {r['goodput']:.1%} (p10 {r['goodput_p10']:.1%}); lost {r['lost_training_hours']:,.0f} h of training, "
-          f"{r['restart_hours']:,.0f} h restarting")
+          f"{r['restart_hours']:,.0f} h restarting"
+          + (f"; with every failure restarting the job: {r['goodput_restart']:.1%}" if "goodput_restart" in r else ""))
     print(f"wall clock: {r['days_p50']:.1f} days p50, {r['days_p90']:.1f} p90; energy {r['energy_mwh']:,.0f} MWh; "
           f"peak {r['peak_power_mw']:.1f} MW, swing {r['power_swing_mw']:.1f} MW when every GPU waits at once")
     for phase in r.get("phases", []):
