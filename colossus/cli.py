@@ -230,7 +230,7 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def add_simulate_parser(commands: argparse._SubParsersAction) -> None:
-    from colossus.plan.simulation import DEFAULT_RESTART_S, DEFAULT_STORAGE_GB_S
+    from colossus.plan.simulation import DEFAULT_REPLICA_TIMEOUT_S, DEFAULT_RESTART_S, DEFAULT_STORAGE_GB_S
 
     sim = commands.add_parser(
         "simulate", help="failures, checkpoint interval, goodput, days and power of a run (Monte Carlo)",
@@ -266,6 +266,9 @@ def add_simulate_parser(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--job-wide", metavar="CAUSE,...",
                      help="with --recovery replica: the failure causes that still restart the whole job (default "
                           "network_switch_cable,dependency; the causes are those of the Llama 3 log)")
+    sim.add_argument("--replica-timeout-s", type=float, default=DEFAULT_REPLICA_TIMEOUT_S, metavar="S",
+                     help="with --recovery replica: how long the other groups wait on a dead one before a collective "
+                          f"gives up (NCCL; [faults] replica_timeout_s; default {DEFAULT_REPLICA_TIMEOUT_S:g})")
     sim.add_argument("--replica-groups", type=int, default=0, metavar="R",
                      help="with --recovery replica: R groups (the layout's dp_replicate); default: as many as the "
                           "layout's data parallelism allows")
@@ -395,7 +398,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         days=args.days, tokens=args.tokens, layout=parse_layout(args.layout), checkpoint_interval_s=interval,
         checkpoint_mode=args.checkpoint_mode, trials=args.trials, seed=args.seed, restart_s=args.restart_s,
         repair_hours=args.repair_hours, storage_gb_s=args.storage_gb_s, grow=(when, None) if args.grow else None,
-        recovery=args.recovery, replica_groups=args.replica_groups,
+        recovery=args.recovery, replica_groups=args.replica_groups, replica_timeout_s=args.replica_timeout_s,
         **({"job_wide": frozenset(c for c in args.job_wide.split(",") if c)} if args.job_wide is not None else {}))
     options.check()  # the flags' own errors before any file, model or cluster is read
     if args.grow:

@@ -92,8 +92,8 @@ class ReplicaLaunch:
         for index, group in enumerate(self.groups):
             where = "" if one_node else f" (on each of its {group.nodes} nodes; the first hosts its rendezvous)"
             lines += [f"# replica group {index}{where}:", group.command() + (" &" if one_node else "")]
-        if one_node:
-            lines.append("wait")
+        if one_node:  # job %1 is the Lighthouse: wait for the groups, then stop it
+            lines.append("wait " + " ".join(f"%{index + 2}" for index in range(len(self.groups))) + "; kill %1")
         return lines
 
 

@@ -170,7 +170,7 @@ def test_launch_prints_the_lighthouse_and_one_torchrun_job_per_group() -> None:
     from colossus.launch import plan_replica_launch
 
     lines = plan_replica_launch(3, 1, 6, "10.0.0.1", 29500, 29510, ["run.toml", "--out", "r"], 2).commands()
-    assert lines[1].startswith("torchft_lighthouse --min_replicas=1 '--bind=[::]:29510'") and lines[-1] == "wait"
+    assert lines[1].startswith("torchft_lighthouse --min_replicas=1 '--bind=[::]:29510'") and lines[-1] == "wait %2 %3 %4; kill %1"
     jobs = [line for line in lines if "torchrun" in line]
     assert len(jobs) == 3
     for group, job in enumerate(jobs):

@@ -34,6 +34,9 @@ CHECKPOINT_COORDINATION_S = 5.0
 # Rescheduling, rendezvous, process-group setup and warm-up after an interruption, before loading the
 # checkpoint (an assumption: minutes on a large cluster with hot spares; override with --restart-s).
 DEFAULT_RESTART_S = 300.0
+# How long the other replica groups wait on a dead one before a collective gives up (the trainer's
+# [faults] replica_timeout_s default): NCCL notices a dead peer only then; gloo at once.
+DEFAULT_REPLICA_TIMEOUT_S = 30.0
 
 # Replica recovery ([faults] replica_groups, torchft), measured by bench/recovery.py on a CPU (an Intel
 # Xeon, 2 vCPU, 3 processes of one thread; medians of 2 runs): seconds from SIGKILL until the restarted
@@ -67,6 +70,7 @@ class SimulationOptions:
     recovery: str = "restart"  # restart: every failure restarts the job; replica: one replica group recovers
     replica_groups: int = 0  # replica recovery: groups (the layout's dp_replicate); 0 = as many as the batch allows
     job_wide: frozenset[str] = JOB_WIDE_CAUSES  # replica recovery: causes that still restart the whole job
+    replica_timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S  # replica recovery: the survivors' wait on a dead group
 
     def check(self) -> None:
         if (self.days is None) == (self.tokens is None):
@@ -101,21 +105,29 @@ class GroupRecovery:
 
     groups: int
     failures_per_day: float  # failures that take out one group
-    out_s: float  # the group's restart and state transfer: it is missing from the steps meanwhile
-    transfer_s: float  # its state from a live peer: the peers wait for it in the step it rejoins
-    stall_s: float  # every group waits this long when a peer dies: the Lighthouse's heartbeat timeout, and the
-    # step that was running is run again
+    hardware_share: float  # of those, the ones that take its node out: the group comes back on a spare node
+    restart_s: float  # the group's processes started again and in a quorum (measured)
+    swap_s: float  # a spare node in place of a failed one: rescheduling and rendezvous (the job restart's figure)
+    transfer_s: float  # its state from a live peer: the other groups wait for it in the step it rejoins
+    stall_s: float  # every group waits this long when a peer dies (the dead peer noticed: at once on gloo, by
+    # the collective timeout on NCCL, at least the Lighthouse's heartbeat timeout), and that step runs again
+
+    @property
+    def out_s(self) -> float:
+        """Mean time the group is missing from the steps: its restart, on a spare node after a hardware
+        failure, then its transfer."""
+        return self.restart_s + self.hardware_share * self.swap_s + self.transfer_s
 
     @property
     def cost_s(self) -> float:
-        """Training seconds the job loses per group failure: everyone's stall, then 1/groups of the
-        throughput for as long as the group is out."""
-        return self.stall_s + self.transfer_s + self.out_s / self.groups
+        """Training seconds the job loses per group failure: everyone's stall and the wait for the
+        transfer, and 1/groups of the throughput while the group restarts."""
+        return self.stall_s + self.transfer_s + (self.restart_s + self.hardware_share * self.swap_s) / self.groups
 
     def speed(self) -> float:
         """The job's mean speed as a share of its speed with every group (Poisson failures, each
         costing cost_s of training)."""
-        return max(0.0, 1.0 - self.failures_per_day / 86400 * self.cost_s)
+        return max(1e-6, 1.0 - self.failures_per_day / 86400 * self.cost_s)
 
     def short_fraction(self) -> float:
         """Share of the steps that run with a group missing (a smaller batch)."""
@@ -123,20 +135,24 @@ class GroupRecovery:
 
 
 def group_recovery(model: ModelConfig, prediction: Prediction, cluster: Cluster, failures: dict[str, float],
-                   job_wide: frozenset[str] = JOB_WIDE_CAUSES) -> GroupRecovery:
-    """A group's recovery, from the measured breakdown: its restart as measured, then its GPUs each receive
-    their shard of the state (weights and AdamW moments, spread over the group's GPUs) at the measured
-    transport rate or the NIC's, whichever is slower."""
+                   job_wide: frozenset[str] = JOB_WIDE_CAUSES, swap_s: float = DEFAULT_RESTART_S,
+                   timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S) -> GroupRecovery:
+    """A group's recovery, from the measured breakdown: its restart as measured (after a hardware failure,
+    on a spare node, which costs swap_s more), then its GPUs each receive their shard of the state
+    (weights and AdamW moments, spread over the group's GPUs) at the measured transport rate or the
+    NIC's, whichever is slower. The others notice the dead group after `timeout_s` (NCCL's collective
+    timeout, [faults] replica_timeout_s) or the Lighthouse's heartbeat timeout, whichever is longer."""
     from colossus.launch import HEARTBEAT_TIMEOUT_MS
 
     layout = prediction.layout
     state_bytes = modelmath.params_total(model) * (modelmath.MASTER_BYTES + modelmath.OPTIMIZER_BYTES)
     per_gpu = state_bytes / (layout.world_size // layout.dp_replicate)
     rate = min(TRANSFER_BYTES_PER_S, cluster.nic_gbps / 8 * 1e9)
-    transfer = per_gpu / rate
-    local = sum(v for cause, v in failures.items() if cause not in job_wide)
-    return GroupRecovery(layout.dp_replicate, local, GROUP_RESTART_S + transfer, transfer,
-                         HEARTBEAT_TIMEOUT_MS / 1000 + prediction.step_time_s)
+    local = {cause: v for cause, v in failures.items() if cause not in job_wide}
+    total = sum(local.values())
+    hardware = sum(v for cause, v in local.items() if cause not in SOFTWARE_CAUSES) / total if total else 0.0
+    return GroupRecovery(layout.dp_replicate, total, hardware, GROUP_RESTART_S, swap_s, per_gpu / rate,
+                         max(HEARTBEAT_TIMEOUT_MS / 1000, timeout_s) + prediction.step_time_s)
 
 
 @dataclass
@@ -173,7 +189,8 @@ def plan_phase(model: ModelConfig, cluster: Cluster, options: SimulationOptions)
                         repair_s=options.repair_hours * 3600,
                         hardware_share=hardware / sum(restarting.values()) if sum(restarting.values()) else 0.0,
                         spare_nodes=(cluster.n_gpus - best.layout.world_size) // cluster.gpus_per_node)
-    groups = group_recovery(model, best, cluster, by_cause, options.job_wide) if options.recovery == "replica" else None
+    groups = (group_recovery(model, best, cluster, by_cause, options.job_wide, options.restart_s, options.replica_timeout_s)
+              if options.recovery == "replica" else None)
     return Phase(cluster, best, scenario, by_cause, groups)
 
 
@@ -305,6 +322,7 @@ def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[P
             "replica_groups": g.groups, "group_failures_per_day": g.failures_per_day,
             "job_restarts_per_day": sum(first.failures.values()) - g.failures_per_day,
             "group_recovery_s": g.out_s, "group_transfer_s": g.transfer_s, "group_stall_s": g.stall_s,
+            "group_hardware_share": g.hardware_share,
             "group_failure_cost_s": g.cost_s, "short_step_fraction": g.short_fraction(),
             "group_failures": float(np.mean(sum(o.wall_s for _, o, _ in phases))) / 86400 * g.failures_per_day,
         })
@@ -332,8 +350,9 @@ def print_simulation(report: dict) -> None:
               f"(repair {r['repair_hours']:g} h)")
     if r["recovery"] == "replica":
         print(f"replica recovery: {r['replica_groups']} groups; {r['group_failures_per_day']:.1f} failures a day take out "
-              f"one group, which is back in {r['group_recovery_s']:.1f} s (state from a peer in "
-              f"{r['group_transfer_s']:.2f} s) while the others train on; each costs the job "
+              f"one group ({r['group_hardware_share']:.0%} its node: back on a spare), which is back in "
+              f"{r['group_recovery_s']:.1f} s on average (state from a peer in {r['group_transfer_s']:.2f} s) while the "
+              f"others train on after a {r['group_stall_s']:.0f} s stall; each costs the job "
               f"{r['group_failure_cost_s']:.1f} s of training; {r['short_step_fraction']:.2%} of steps run with a group "
               f"missing; {r['job_restarts_per_day']:.1f} failures a day still restart the job")
     print(f"goodput {r['goodput']:.1%} (p10 {r['goodput_p10']:.1%}); lost {r['lost_training_hours']:,.0f} h of training, "

@@ -223,7 +223,8 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / "config.toml", config_to_toml(config))
         self.logger.open()
-        self.evaluator = Evaluator(validation_batches(self.data.val, mcfg.seq_len, tcfg.global_batch,
+        # Batches of this group's size (the whole batch without replica groups); each group scores the same text.
+        self.evaluator = Evaluator(validation_batches(self.data.val, mcfg.seq_len, layout.gbs,
                                                       config.eval.batches, runtime.dp_rank, layout.dp),
                                    config.eval.interval, tcfg.steps, runtime, layout.precision, self.pipeline)
         faults = config.faults
@@ -310,8 +311,9 @@ class Trainer:
         is consumed and skipped (None)."""
         membership = self.join_step() if self.replicas is not None else None
         position = loader_position(self.loader)
-        if position in self.progress.skip_batches:
-            self.loader.next_batch()
+        if position in self.progress.skip_batches:  # consume the whole step's windows, every group's share
+            self.loader.next_batch() if membership is None else self.loader.next_shared_batch(
+                membership.participant, membership.participants)
             self.logger.event("skip_batch", step=self.progress.step, batch=position)
             return None
         if membership is None:
