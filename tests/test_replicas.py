@@ -182,3 +182,18 @@ def test_launch_prints_the_lighthouse_and_one_torchrun_job_per_group() -> None:
     assert '--rdzv-endpoint="$GROUP_HEAD:29501"' in several[-1]
     with pytest.raises(UserError, match="--nodes 3 does not split into 2 replica groups"):
         plan_replica_launch(2, 3, 8, "head", 29500, 29510, [], 1)
+
+
+def test_a_run_folder_does_not_switch_between_one_job_and_replica_groups(tmp_path: Path, corpus_dir: Path) -> None:
+    from colossus.config import config_from_dict
+    from colossus.train.trainer import train
+
+    (tmp_path / "one" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "groups" / "replica-0" / "checkpoints").mkdir(parents=True)
+    grouped = config_from_dict({"faults": dict(replica_groups=2, replica_group=0, lighthouse="localhost:9"),
+                                "parallel": dict(dp_replicate=2), "train": dict(global_batch=2, micro_batch=1)})
+    with pytest.raises(UserError, match="trained without replica groups"):
+        train(grouped, tmp_path / "one")
+    with pytest.raises(UserError, match="trained as replica groups"):
+        train(config_from_dict({}), tmp_path / "groups")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["checkpoints"]  # nothing written

@@ -72,6 +72,7 @@ class Ledger:
     thresholds: list[Threshold] = field(default_factory=list)
     crossed_noted: set[str] = field(default_factory=set)  # thresholds already announced in this process
     _segment_started: float = 0.0
+    _lost_before: int | None = None  # the previous segment's lost steps before this segment counted its own
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -122,9 +123,13 @@ class Ledger:
         self._count_lost(step)
 
     def _count_lost(self, resumed_step: int) -> None:
+        """The previous segment's work past `resumed_step` was lost (set once per segment: a replica group
+        may resume from its checkpoint and then take a later step from a peer)."""
         if len(self.segments) > 1:
             previous = self.segments[-2]
-            previous.lost_steps += max(0, previous.step - resumed_step)
+            if self._lost_before is None:
+                self._lost_before = previous.lost_steps
+            previous.lost_steps = self._lost_before + max(0, previous.step - resumed_step)
 
     def segment_tokens(self, segment: Segment) -> int:
         return segment.tokens if segment.tokens >= 0 else segment.steps_computed * self.rates.tokens_per_step

@@ -55,6 +55,7 @@ def train(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in folder `out`; returns the run summary (also saved as summary.json)."""
     startup = StartupTimes()
     startup.mark("imported")
+    check_replica_folders(Path(out), config)
     out = replica_folder(Path(out), config)
     check_run_folder(out, config)
     if config.faults.replica_groups:  # before anything is built or written
@@ -325,8 +326,9 @@ class Trainer:
         state in it; a restarted group that no peer is ahead of (the whole job was down) reads its own
         newest checkpoint and asks again."""
         self.position_before_step = self.loader.state_dict()
-        # A run's first step waits (up to faults.replica_timeout_s) for every group, so that it starts whole.
-        first = self.progress.step == 0 and restart_count() == 0
+        # A job's first quorum waits (up to faults.replica_timeout_s) for every group, so that a run starts (or
+        # resumes) whole; a group that torchrun restarted joins the others at once.
+        first = restart_count() == 0 and not self.startup.reported
         membership = self.replicas.start_step(self.config.faults.replica_timeout_s if first else 0.0)
         if not self.startup.reported:
             self.startup.took("quorum", membership.quorum_s - membership.transfer_s)
@@ -630,6 +632,17 @@ def finished_peer(out: Path, steps: int) -> Path | None:
         except (OSError, json.JSONDecodeError):
             continue
     return None
+
+
+def check_replica_folders(out: Path, config: RunConfig) -> None:
+    """Refuse to switch a run folder between one job and replica groups (each keeps its checkpoints
+    elsewhere: the run would silently start again)."""
+    if config.faults.replica_groups and (out / "checkpoints").is_dir():
+        raise UserError(f"{out} holds a run trained without replica groups ({out / 'checkpoints'}); train replica "
+                        "groups into a new --out folder, or resume it without faults.replica_groups")
+    if not config.faults.replica_groups and any(out.glob("replica-*/checkpoints")):
+        raise UserError(f"{out} holds a run trained as replica groups ({out}/replica-K/); resume it with the same "
+                        "faults.replica_groups, or train into a new --out folder")
 
 
 def replica_folder(out: Path, config: RunConfig) -> Path:
