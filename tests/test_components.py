@@ -250,3 +250,9 @@ def test_accounting_warns_notes_and_stops_before_a_threshold(tmp_path: Path) -> 
     assert [e["step"] for e in crossed] == [6]  # noted once, when it happened
     accounting.finish("finished")
     assert json.loads((tmp_path / "ledger.json").read_text())["segments"][0]["status"] == "finished"
+    # A replica group that joined late counted fewer steps in its own ledger; it stops where the run's
+    # token count (the same on every group) says, like the others.
+    joined = Ledger.open(tmp_path / "late", rates, [review])
+    joined.start_segment(0, 0)
+    late = Accounting(joined, "review", Events(), is_main=True, run_tokens=lambda: 5 * 1000)
+    assert late.stop_due() and not Accounting(joined, "review", Events(), is_main=True).stop_due()

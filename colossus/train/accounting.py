@@ -4,6 +4,8 @@ crossing when it happens, and says when the next step would pass ledger.stop_at_
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from colossus import modelmath
@@ -35,8 +37,13 @@ def ledger_rates(m: ModelConfig, layout: Layout, cfg: LedgerConfig, device: torc
 
 
 class Accounting:
-    def __init__(self, ledger: Ledger, stop_at: str, logger: MetricsLogger, is_main: bool):
+    def __init__(self, ledger: Ledger, stop_at: str, logger: MetricsLogger, is_main: bool,
+                 run_tokens: Callable[[], int] | None = None):
         self.ledger, self.stop_at, self.logger, self.is_main = ledger, stop_at, logger, is_main
+        # Under replica groups each group's ledger counts only the steps it took part in; the run's own token
+        # count (which travels with the state a restarted group receives) is the same on every group, so
+        # they all stop at the same step.
+        self.run_tokens = run_tokens
         if stop_at and stop_at not in {t.name for t in ledger.thresholds}:
             raise UserError(f"ledger.stop_at_threshold = {stop_at!r} is not a known threshold "
                             f"({', '.join(t.name for t in ledger.thresholds)})")
@@ -70,8 +77,13 @@ class Accounting:
             return False
         threshold = next(t for t in self.ledger.thresholds if t.name == self.stop_at)
         per_step = self.ledger.rates.tokens_per_step * self.ledger.rates.model_flops_per_token
-        counted = (self.ledger.cumulative_model_flops() if threshold.scope == "cumulative"
-                   else self.ledger.totals()["model_flops"])
+        if self.run_tokens is not None:
+            counted = self.run_tokens() * self.ledger.rates.model_flops_per_token
+            if threshold.scope == "cumulative":
+                counted += (self.ledger.lineage or {}).get("cumulative_model_flops", 0.0)
+        else:
+            counted = (self.ledger.cumulative_model_flops() if threshold.scope == "cumulative"
+                       else self.ledger.totals()["model_flops"])
         return counted + per_step > threshold.limit_flops
 
     def rollback(self, from_step: int, to_step: int) -> None:

@@ -219,7 +219,8 @@ class Trainer:
             lineage = {**parent_lineage(parent), "step": load_model_weights(parent / "checkpoints", self.model)}
         ledger = Ledger.open(out, ledger_rates(mcfg, layout, config.ledger, device, runtime.replica_groups),
                              load_thresholds(config.ledger.thresholds_file or None))
-        self.accounting = Accounting(ledger, config.ledger.stop_at_threshold, self.logger, runtime.is_main)
+        self.accounting = Accounting(ledger, config.ledger.stop_at_threshold, self.logger, runtime.is_main,
+                                     (lambda: self.progress.tokens) if runtime.replica_groups > 1 else None)
         if runtime.is_main:
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / "config.toml", config_to_toml(config))
