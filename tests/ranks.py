@@ -6,14 +6,31 @@ code or signal, and the last lines of that rank's own stderr, not the survivors'
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from colossus.launch import first_rank_failure
 
 REPO = Path(__file__).resolve().parents[1]
+
+started_jobs: list[subprocess.Popen] = []  # every job a test starts in its own session, reaped after the test
+
+
+@pytest.fixture(autouse=True)
+def reap_jobs():
+    """A failed assertion must not leave a torchrun job (and its workers) running behind the suite (a test
+    module uses it by importing it)."""
+    yield
+    while started_jobs:
+        job = started_jobs.pop()
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
 
 
 def torchrun(nproc: int, log_dir: Path, *options: str) -> list[str]:

@@ -18,7 +18,7 @@ from colossus.train.checkpoint import verify
 from colossus.train.guards import EXIT_HUNG, EXIT_PREEMPTED
 from colossus.train.trainer import train
 from conftest import REPO, small_config, small_tables, write_toml
-from ranks import check, torchrun as torchrun_with_logs
+from ranks import check, reap_jobs, started_jobs, torchrun as torchrun_with_logs  # noqa: F401 (reap_jobs: autouse)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -85,25 +85,11 @@ def test_nan_guard_reading_flags_a_step_late_changes_nothing(tmp_path: Path, cor
     assert lost == [3, 4]  # steps 5-7 are rolled back; reading late, step 8 had run too
 
 
-_started: list[subprocess.Popen] = []  # every job a test starts, reaped after the test
-
-
-@pytest.fixture(autouse=True)
-def reap_jobs():
-    """A failed assertion must not leave a torchrun job (and its workers) running behind the suite."""
-    yield
-    while _started:
-        job = _started.pop()
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-
-
 def run_cli(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen([*(launcher or [sys.executable]), "-m", "colossus.train", *args], cwd=cwd, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _started.append(job)
+    started_jobs.append(job)
     return job
 
 

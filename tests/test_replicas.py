@@ -17,20 +17,9 @@ import pytest
 from colossus.config import load_config
 from colossus.errors import UserError
 from conftest import REPO, small_tables, write_toml
-from ranks import check, torchrun
+from ranks import check, reap_jobs, started_jobs, torchrun  # noqa: F401 (reap_jobs: autouse)
 
 GROUPS, STEPS, KILL_AT = 3, 30, 8
-_started: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def reap_jobs():
-    yield
-    while _started:
-        job = _started.pop()
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
 
 
 @pytest.fixture
@@ -71,7 +60,7 @@ def start(args: list[str], cwd: Path, launcher: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen([*launcher, "-m", "colossus.train", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _started.append(job)
+    started_jobs.append(job)
     return job
 
 
