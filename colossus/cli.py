@@ -140,8 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split the job into R fault-tolerant replica groups (torchft): the Lighthouse, then one "
                              "torchrun job per group that restarts on its own; sets [faults] replica_groups")
     launch.add_argument("--lighthouse-port", type=int, default=29510, help="the Lighthouse's port on --head (default 29510)")
+    launch.add_argument("--spare-nodes", type=int, default=0, metavar="S",
+                        help="with --replica-groups on several nodes: S more nodes per group wait in its rendezvous "
+                             "as hot spares, and one takes the place of a node that dies (default 0)")
     launch.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN ARGS",
                         help="arguments for `colossus train` (config, --out, --set ...)")
+
+    rendezvous = commands.add_parser(
+        "rendezvous", help="serve the replica groups' torchrun rendezvous (colossus launch prints it)",
+        description="Keep every replica group's torchrun rendezvous store (ports PORT .. PORT + GROUPS - 1) on "
+                    "this node, beside the torchft Lighthouse, until interrupted: a group's rendezvous then "
+                    "outlives any of its own nodes, so torchrun can restart it with a spare node in place of a "
+                    "dead one.")
+    rendezvous.add_argument("--port", type=int, default=29500, help="the first group's port (default 29500)")
+    rendezvous.add_argument("--groups", type=int, required=True, metavar="R", help="number of replica groups")
 
     bench = commands.add_parser(
         "bench", help="measure this machine (matmul, memory, dispatch, all-reduce) for the planner",
@@ -269,6 +281,10 @@ def add_simulate_parser(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--replica-timeout-s", type=float, default=DEFAULT_REPLICA_TIMEOUT_S, metavar="S",
                      help="with --recovery replica: how long the other groups wait on a dead one before a collective "
                           f"gives up (NCCL; [faults] replica_timeout_s; default {DEFAULT_REPLICA_TIMEOUT_S:g})")
+    sim.add_argument("--hot-spares", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --recovery replica: spare nodes wait in each group's rendezvous (colossus launch "
+                          "--spare-nodes) and one replaces a dead node once torchrun notices it (default); "
+                          "--no-hot-spares: a node is swapped in --restart-s")
     sim.add_argument("--replica-groups", type=int, default=0, metavar="R",
                      help="with --recovery replica: R groups (the layout's dp_replicate); default: as many as the "
                           "layout's data parallelism allows")
@@ -287,15 +303,31 @@ def run_launch(args: argparse.Namespace) -> int:
         from colossus.launch import plan_replica_launch
 
         launch = plan_replica_launch(args.replica_groups, args.nodes, args.procs_per_node, args.head, args.port,
-                                     args.lighthouse_port, train_args, args.max_restarts)
+                                     args.lighthouse_port, train_args, args.max_restarts, args.spare_nodes)
         print("\n".join(launch.commands()))
         return 0
+    if args.spare_nodes:
+        raise UserError("--spare-nodes needs --replica-groups: a spare takes a dead node's place in its group while "
+                        "the other groups train on")
     plan = plan_launch(args.nodes, args.procs_per_node, args.head, args.port, train_args, args.max_restarts)
     if plan.nodes == 1:
         print(plan.command())
     else:
         print(f"# run on each of the {plan.nodes} nodes (the same line everywhere; {plan.head} hosts the rendezvous):")
         print(plan.command())
+    return 0
+
+
+def run_rendezvous(args: argparse.Namespace) -> int:
+    import threading
+
+    from colossus.launch import serve_rendezvous
+
+    stores = serve_rendezvous(args.port, args.groups)
+    print(f"colossus rendezvous: the torchrun rendezvous of replica groups 0-{args.groups - 1} on ports "
+          f"{args.port}-{args.port + args.groups - 1}; stop it after the groups", flush=True)
+    threading.Event().wait()  # until interrupted (SIGINT: KeyboardInterrupt; SIGTERM ends the process)
+    del stores
     return 0
 
 
@@ -399,6 +431,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         checkpoint_mode=args.checkpoint_mode, trials=args.trials, seed=args.seed, restart_s=args.restart_s,
         repair_hours=args.repair_hours, storage_gb_s=args.storage_gb_s, grow=(when, None) if args.grow else None,
         recovery=args.recovery, replica_groups=args.replica_groups, replica_timeout_s=args.replica_timeout_s,
+        hot_spares=args.hot_spares,
         **({"job_wide": frozenset(c for c in args.job_wide.split(",") if c)} if args.job_wide is not None else {}))
     options.check()  # the flags' own errors before any file, model or cluster is read
     if args.grow:
@@ -581,7 +614,7 @@ def _human(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "plan": run_plan, "simulate": run_simulate, "report": run_report, "bench": run_bench,
+    handlers = {"train": run_train, "models": run_models, "launch": run_launch, "rendezvous": run_rendezvous, "plan": run_plan, "simulate": run_simulate, "report": run_report, "bench": run_bench,
                 "generate": run_generate, "export": run_export, "import": run_import}
     if args.command is None:
         parser.print_help()

@@ -122,7 +122,10 @@ class FaultsConfig:
     replica_group: int = -1  # which group this job is, 0 .. replica_groups - 1 (colossus launch sets it)
     lighthouse: str = ""  # the torchft Lighthouse, host:port or http://host:port; "" = $TORCHFT_LIGHTHOUSE
     min_replicas: int = 1  # a step commits only with at least this many groups in it
-    replica_timeout_s: float = 30.0  # quorum, cross-group collectives and state transfer give up after this
+    # A cross-group collective gives up after this (NCCL notices a dead peer no sooner; gloo at once), and
+    # the step runs again without the dead group. 10 s is torchtitan's torchft default
+    # (fault_tolerance.process_group_timeout_ms); a step's gradient all-reduce must fit in it.
+    replica_timeout_s: float = 10.0
     # testing: a replica group restarted once SIGKILLs itself 50 ms into receiving a live peer's state
     inject_kill_in_recovery: bool = False
 

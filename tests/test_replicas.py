@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,11 +25,15 @@ GROUPS, STEPS, KILL_AT = 3, 30, 8
 
 @pytest.fixture
 def lighthouse():
-    """A torchft Lighthouse on a free port (in this process: it is a Rust server with its own threads)."""
+    """A torchft Lighthouse on a free port (in this process: it is a Rust server with its own threads), with
+    the timings colossus launch gives it: a shorter join timeout lets groups that are alive but a second late
+    (three processes on two cores) split into quorums that leave each other out again and again."""
     from torchft._torchft import LighthouseServer
 
-    server = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=1000, quorum_tick_ms=50,
-                              heartbeat_timeout_ms=1000)
+    from colossus.launch import HEARTBEAT_TIMEOUT_MS, JOIN_TIMEOUT_MS
+
+    server = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=JOIN_TIMEOUT_MS, quorum_tick_ms=50,
+                              heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS)
     yield server.address()
     server.shutdown()
 
@@ -45,19 +50,19 @@ def events(run: Path, kind: str) -> list[dict]:
     return [e for e in read_jsonl(run / "events.jsonl") if e["event"] == kind]
 
 
-def tiny_config(folder: Path, corpus_dir: Path, **faults) -> Path:
-    tables = small_tables(corpus_dir, folder / "cache", train=dict(steps=STEPS, global_batch=2 * GROUPS, micro_batch=2),
-                          checkpoint=dict(interval=10, keep=2), eval=dict(interval=STEPS, batches=2, sample_tokens=0),
+def tiny_config(folder: Path, corpus_dir: Path, groups: int = GROUPS, steps: int = STEPS, **faults) -> Path:
+    tables = small_tables(corpus_dir, folder / "cache", train=dict(steps=steps, global_batch=2 * groups, micro_batch=2),
+                          checkpoint=dict(interval=10, keep=2), eval=dict(interval=steps, batches=2, sample_tokens=0),
                           log=dict(interval=1, tensorboard=False, state_digest=True))
     tables["model"] = dict(preset="tiny")
     if faults:
-        tables["faults"] = dict(replica_groups=GROUPS, **faults)
-        tables["parallel"] = dict(dp_replicate=GROUPS)
+        tables["faults"] = dict(replica_groups=groups, **faults)
+        tables["parallel"] = dict(dp_replicate=groups)
     return write_toml(folder / "run.toml", tables)
 
 
-def start(args: list[str], cwd: Path, launcher: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def start(args: list[str], cwd: Path, launcher: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     job = subprocess.Popen([*launcher, "-m", "colossus.train", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     started_jobs.append(job)
@@ -132,6 +137,69 @@ def test_a_killed_group_rejoins_from_a_live_peer_while_the_others_train(tmp_path
     assert abs(summaries[0]["val_loss"] / uninterrupted - 1) < 0.02, (summaries[0]["val_loss"], uninterrupted)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_spare_node_takes_the_place_of_a_dead_one(tmp_path: Path, corpus_dir: Path, lighthouse: str) -> None:
+    """Two groups of one node each, on their rendezvous as colossus launch prints them (the stores served apart,
+    here in this process), and a spare node for each group waiting in its rendezvous. Group 1's node dies (its
+    torchrun agent and its worker, SIGKILL): torchrun's rendezvous drops it once its keep-alive lapses, the
+    spare starts the group's worker, and that takes the live group's state."""
+    from colossus.launch import RENDEZVOUS_KEEP_ALIVE_S, plan_replica_launch, serve_rendezvous
+
+    steps = 90
+    port = free_port()
+    stores = serve_rendezvous(port, 2)  # noqa: F841 (kept alive for the test)
+    config = tiny_config(tmp_path, corpus_dir, groups=2, steps=steps, lighthouse="set by the launch")
+    lighthouse_port = int(lighthouse.rsplit(":", 1)[1])
+    launch = plan_replica_launch(2, 2, 1, "127.0.0.1", port, lighthouse_port, [str(config), "--out", "run"], 3,
+                                 spare_nodes=1)
+    lines = launch.commands()
+    assert lines[2].startswith("# and the groups' rendezvous") and lines[3] == f"colossus rendezvous --port={port} --groups=2"
+
+    def node(group: int, name: str) -> subprocess.Popen:
+        plan = launch.groups[group]
+        assert f"--rdzv-endpoint=127.0.0.1:{port + group}" in plan.torchrun_options()
+        options = [*plan.torchrun_options(), "--log-dir", str(tmp_path / f"logs-{name}"), "--redirects", "3", "--tee", "3",
+                   "--monitor-interval=0.2"]
+        return start(plan.train_args, tmp_path, [sys.executable, "-m", "torch.distributed.run", *options],
+                     {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+
+    nodes = [node(0, "group-0"), node(1, "group-1")]
+    runs = [tmp_path / "run" / f"replica-{group}" for group in range(2)]
+    wait_until(lambda: max(steps_of(runs[1]), default=0) >= 2, "group 1 training")
+    spare, idle_spare = node(1, "spare"), node(0, "idle-spare")
+    wait_until(lambda: max(steps_of(runs[1]), default=0) >= 12, "group 1 reaching step 12")
+    worker = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True).stdout.split()
+    for pid in [nodes[1].pid, *map(int, worker)]:  # the whole node: its agent and its worker
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    for name, job in (("group-0", nodes[0]), ("spare", spare)):
+        output, _ = job.communicate(timeout=900)
+        check(job.returncode, output, tmp_path / f"logs-{name}")
+    # A spare never needed leaves when its group's rendezvous closes at the end; torch 2.13's torchrun then
+    # exits 1 on its own graceful exit (launch_agent reads the result agent.run() does not return).
+    output, _ = idle_spare.communicate(timeout=120)
+    assert idle_spare.returncode == 0 or "'NoneType' object has no attribute 'is_failed'" in output, output[-3000:]
+    assert not list((tmp_path / "logs-idle-spare").glob("*/attempt_*/0/stderr.log"))  # it never started a worker
+
+    # The spare's worker started once torchrun had dropped the dead node (its last keep-alive up to 5 s before
+    # the kill), and took the live group's state, with no checkpoint read.
+    started = [e for e in events(runs[1], "startup") if e["process_started"] > killed_at]
+    assert len(started) == 1 and started[0]["process_started"] - killed_at > RENDEZVOUS_KEEP_ALIVE_S - 5, started
+    assert "checkpoint_read_s" not in started[0] and not [e for e in events(runs[1], "resume") if e["time"] > killed_at]
+    recovered = events(runs[1], "recovered_from_peer")
+    assert len(recovered) == 1 and killed_at < recovered[0]["time"] <= started[0]["time"], recovered
+    short = [e for e in events(runs[0], "replicas_short") if killed_at < e["time"] < recovered[0]["time"]]
+    assert len(short) >= 3 and all(e["participants"] == 1 for e in short), short
+    logged = [steps_of(run) for run in runs]
+    for step in (recovered[0]["step"] + 1, steps):
+        assert logged[0][step]["state_sha256"] == logged[1][step]["state_sha256"]
+
+
 def test_an_unreachable_lighthouse_is_one_line_naming_it(tmp_path: Path, corpus_dir: Path) -> None:
     config = tiny_config(tmp_path, corpus_dir, lighthouse="localhost:9")  # the discard port: nothing listens
     result = subprocess.run([sys.executable, "-m", "colossus.train", str(config), "--out", "run", "--set",
@@ -168,7 +236,13 @@ def test_launch_prints_the_lighthouse_and_one_torchrun_job_per_group() -> None:
         assert "'faults.lighthouse=\"10.0.0.1:29510\"'" in job
     several = plan_replica_launch(2, 4, 8, "head", 29500, 29510, [], 1).commands()
     assert [line.count("--nnodes=2") for line in several if "torchrun" in line] == [1, 1]
-    assert '--rdzv-endpoint="$GROUP_HEAD:29501"' in several[-1]
+    # every group's rendezvous served on the head node, where it outlives the group's own nodes
+    assert several[3] == "colossus rendezvous --port=29500 --groups=2"
+    assert "--rdzv-endpoint=head:29501 --rdzv-id=colossus-group-1 --rdzv-conf=is_host=false" in several[-1]
+    spares = plan_replica_launch(2, 4, 8, "head", 29500, 29510, [], 1, spare_nodes=1).commands()
+    assert "(on each of its 2 nodes and its 1 spare node:" in spares[4] and spares[5] == several[5]
+    with pytest.raises(UserError, match="--spare-nodes 1: a spare is a whole node"):
+        plan_replica_launch(3, 1, 6, "head", 29500, 29510, [], 1, spare_nodes=1)
     with pytest.raises(UserError, match="--nodes 3 does not split into 2 replica groups"):
         plan_replica_launch(2, 3, 8, "head", 29500, 29510, [], 1)
 

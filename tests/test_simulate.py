@@ -170,11 +170,18 @@ def test_simulate_user_errors(args: list[str], words: str) -> None:
 
 def test_replica_recovery_keeps_most_of_the_goodput_at_100k_gpus() -> None:
     """colossus-100k, grok-1, 6e12 tokens: replica groups recover a failed group from a live peer; only the
-    job-wide causes restart everything, and goodput beats the figure where every failure restarts the job.
-    (The issue's 95% is not reached with a 30 s collective timeout and 300 s node swaps: see the README.)"""
+    job-wide causes restart everything, and goodput beats the figure where every failure restarts the job:
+    at least the issue's 95% with hot spares (a node swapped in when torchrun's rendezvous drops the dead one)
+    and the 10 s collective timeout."""
+    from colossus.launch import RENDEZVOUS_KEEP_ALIVE_S
+
     options = SimulationOptions(tokens=6e12, trials=50, recovery="replica")
     report = simulate_run(load_model("grok-1"), get_cluster("colossus-100k"), options)
-    assert report["goodput"] > report["goodput_restart"] + 0.1
+    assert report["goodput"] > report["goodput_restart"] + 0.1 and report["goodput"] >= 0.95
+    assert report["hot_spares"] and report["group_swap_s"] == RENDEZVOUS_KEEP_ALIVE_S
+    # every node a hardware failure takes out uses up one spare of its group
+    assert report["spares_per_group"] == pytest.approx(report["group_failures_per_day"] * report["group_hardware_share"]
+                                                       / report["replica_groups"] * report["days_p50"], rel=0.05)
     assert report["replica_groups"] >= 2 and report["layout"]["dp_replicate"] == report["replica_groups"]
     per_day = sum(FailureModel.llama3().unexpected_per_day(100_000).values())
     assert report["group_failures_per_day"] + report["job_restarts_per_day"] == pytest.approx(per_day)
@@ -183,11 +190,17 @@ def test_replica_recovery_keeps_most_of_the_goodput_at_100k_gpus() -> None:
     restart = report["group_recovery_s"] - report["group_transfer_s"]
     cost = report["group_stall_s"] + report["group_transfer_s"] + restart / report["replica_groups"]
     assert report["group_failure_cost_s"] == pytest.approx(cost)
-    assert 0.5 < report["group_hardware_share"] < 1 and restart > 300 * report["group_hardware_share"]
+    assert 0.5 < report["group_hardware_share"] < 1 and restart > RENDEZVOUS_KEEP_ALIVE_S * report["group_hardware_share"]
     # a shorter collective timeout shortens everyone's stall
     quick = simulate_run(load_model("grok-1"), get_cluster("colossus-100k"), SimulationOptions(
         tokens=6e12, trials=50, recovery="replica", replica_timeout_s=5))
-    assert quick["group_stall_s"] == pytest.approx(report["group_stall_s"] - 25) and quick["goodput"] > report["goodput"]
+    assert quick["group_stall_s"] == pytest.approx(report["group_stall_s"] - 5) and quick["goodput"] > report["goodput"]
+    # without hot spares a node is swapped in the job restart's time: a group is out longer, the job loses more
+    cold = simulate_run(load_model("grok-1"), get_cluster("colossus-100k"), SimulationOptions(
+        tokens=6e12, trials=50, recovery="replica", hot_spares=False))
+    assert cold["group_swap_s"] == 300 and cold["group_recovery_s"] == pytest.approx(
+        report["group_recovery_s"] + (300 - RENDEZVOUS_KEEP_ALIVE_S) * report["group_hardware_share"])
+    assert report["goodput_restart"] < cold["goodput"] < report["goodput"]
     assert report["short_step_fraction"] == pytest.approx(report["group_failures_per_day"] * report["group_recovery_s"] / 86400)
     # every software bug counted as job-wide (the cautious reading) costs goodput, still above the restart figure
     cautious = simulate_run(load_model("grok-1"), get_cluster("colossus-100k"), SimulationOptions(

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from colossus import modelmath
-from colossus.config import ModelConfig
+from colossus.config import FaultsConfig, ModelConfig
 from colossus.errors import UserError
 from colossus.files import atomic_file
 from colossus.plan.cluster import Cluster
@@ -36,7 +36,7 @@ CHECKPOINT_COORDINATION_S = 5.0
 DEFAULT_RESTART_S = 300.0
 # How long the other replica groups wait on a dead one before a collective gives up (the trainer's
 # [faults] replica_timeout_s default): NCCL notices a dead peer only then; gloo at once.
-DEFAULT_REPLICA_TIMEOUT_S = 30.0
+DEFAULT_REPLICA_TIMEOUT_S = FaultsConfig.replica_timeout_s
 
 # Replica recovery ([faults] replica_groups, torchft), measured by bench/recovery.py on a CPU (an Intel
 # Xeon, 2 vCPU, 3 processes of one thread; medians of 2 runs): seconds from SIGKILL until the restarted
@@ -71,6 +71,9 @@ class SimulationOptions:
     replica_groups: int = 0  # replica recovery: groups (the layout's dp_replicate); 0 = as many as the batch allows
     job_wide: frozenset[str] = JOB_WIDE_CAUSES  # replica recovery: causes that still restart the whole job
     replica_timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S  # replica recovery: the survivors' wait on a dead group
+    # replica recovery: each group's spare nodes wait in its torchrun rendezvous (colossus launch --spare-nodes)
+    # and one takes a dead node's place once torchrun notices; without, a node is swapped in restart_s
+    hot_spares: bool = True
 
     def check(self) -> None:
         if (self.days is None) == (self.tokens is None):
@@ -107,7 +110,8 @@ class GroupRecovery:
     failures_per_day: float  # failures that take out one group
     hardware_share: float  # of those, the ones that take its node out: the group comes back on a spare node
     restart_s: float  # the group's processes started again and in a quorum (measured)
-    swap_s: float  # a spare node in place of a failed one: rescheduling and rendezvous (the job restart's figure)
+    swap_s: float  # a spare node in place of a failed one: torchrun's rendezvous noticing the dead node (hot
+    # spares), or rescheduling and rendezvous (the job restart's figure)
     transfer_s: float  # its state from a live peer: the other groups wait for it in the step it rejoins
     stall_s: float  # every group waits this long when a peer dies (the dead peer noticed: at once on gloo, by
     # the collective timeout on NCCL, at least the Lighthouse's heartbeat timeout), and that step runs again
@@ -132,6 +136,10 @@ class GroupRecovery:
     def short_fraction(self) -> float:
         """Share of the steps that run with a group missing (a smaller batch)."""
         return min(1.0, self.failures_per_day / 86400 * self.out_s)
+
+    def spares_per_group(self, days: float) -> float:
+        """Spare nodes each group uses up over `days` (one per failure that takes its node out)."""
+        return self.failures_per_day * self.hardware_share * days / self.groups
 
 
 def group_recovery(model: ModelConfig, prediction: Prediction, cluster: Cluster, failures: dict[str, float],
@@ -189,8 +197,13 @@ def plan_phase(model: ModelConfig, cluster: Cluster, options: SimulationOptions)
                         repair_s=options.repair_hours * 3600,
                         hardware_share=hardware / sum(restarting.values()) if sum(restarting.values()) else 0.0,
                         spare_nodes=(cluster.n_gpus - best.layout.world_size) // cluster.gpus_per_node)
-    groups = (group_recovery(model, best, cluster, by_cause, options.job_wide, options.restart_s, options.replica_timeout_s)
-              if options.recovery == "replica" else None)
+    if options.recovery == "replica":
+        from colossus.launch import RENDEZVOUS_KEEP_ALIVE_S
+
+        swap_s = RENDEZVOUS_KEEP_ALIVE_S if options.hot_spares else options.restart_s
+        groups = group_recovery(model, best, cluster, by_cause, options.job_wide, swap_s, options.replica_timeout_s)
+    else:
+        groups = None
     return Phase(cluster, best, scenario, by_cause, groups)
 
 
@@ -322,7 +335,8 @@ def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[P
             "replica_groups": g.groups, "group_failures_per_day": g.failures_per_day,
             "job_restarts_per_day": sum(first.failures.values()) - g.failures_per_day,
             "group_recovery_s": g.out_s, "group_transfer_s": g.transfer_s, "group_stall_s": g.stall_s,
-            "group_hardware_share": g.hardware_share,
+            "group_hardware_share": g.hardware_share, "hot_spares": options.hot_spares, "group_swap_s": g.swap_s,
+            "spares_per_group": g.spares_per_group(float(np.mean(sum(o.wall_s for _, o, _ in phases))) / 86400),
             "group_failure_cost_s": g.cost_s, "short_step_fraction": g.short_fraction(),
             "group_failures": float(np.mean(sum(o.wall_s for _, o, _ in phases))) / 86400 * g.failures_per_day,
         })
@@ -350,7 +364,9 @@ def print_simulation(report: dict) -> None:
               f"(repair {r['repair_hours']:g} h)")
     if r["recovery"] == "replica":
         print(f"replica recovery: {r['replica_groups']} groups; {r['group_failures_per_day']:.1f} failures a day take out "
-              f"one group ({r['group_hardware_share']:.0%} its node: back on a spare), which is back in "
+              f"one group ({r['group_hardware_share']:.0%} its node: back on a "
+              + (f"hot spare {r['group_swap_s']:.0f} s later, {r['spares_per_group']:.1f} spares used per group"
+                 if r["hot_spares"] else f"spare node {r['group_swap_s']:.0f} s later") + "), which is back in "
               f"{r['group_recovery_s']:.1f} s on average (state from a peer in {r['group_transfer_s']:.2f} s) while the "
               f"others train on after a {r['group_stall_s']:.0f} s stall; each costs the job "
               f"{r['group_failure_cost_s']:.1f} s of training; {r['short_step_fraction']:.2%} of steps run with a group "

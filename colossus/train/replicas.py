@@ -32,6 +32,10 @@ from torch.distributed.tensor import DTensor
 from colossus.config import FaultsConfig
 from colossus.errors import UserError
 
+# Quorums, connections and state transfers wait this long (torchft's own default): a quorum may wait
+# the Lighthouse's join timeout for a late group, and a transfer grows with the model.
+QUORUM_TIMEOUT_S = 60.0
+
 
 @dataclass
 class Membership:
@@ -109,7 +113,7 @@ class ReplicaGroups:
         # and a group that heals does so before its forward. init_sync off: every group starts from the
         # same seed or the same checkpoint, so step 0 needs no transfer.
         kill = faults.inject_kill_in_recovery and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 1
-        self.transport = timed_transport(kill)(timeout=timeout, num_chunks=0)
+        self.transport = timed_transport(kill)(timeout=timedelta(seconds=QUORUM_TIMEOUT_S), num_chunks=0)
         self.loaded_s = 0.0
 
         def load_timed(state: dict) -> None:
@@ -119,7 +123,8 @@ class ReplicaGroups:
 
         self.manager = Manager(pg=pg, checkpoint_transport=self.transport, load_state_dict=load_timed, state_dict=state_dict,
                                min_replica_size=faults.min_replicas, use_async_quorum=False, timeout=timeout,
-                               quorum_timeout=timeout, connect_timeout=timeout, rank=rank, world_size=world,
+                               quorum_timeout=timedelta(seconds=QUORUM_TIMEOUT_S),
+                               connect_timeout=timedelta(seconds=QUORUM_TIMEOUT_S), rank=rank, world_size=world,
                                store_addr=host, store_port=port, lighthouse_addr=address,
                                replica_id=f"colossus_group_{faults.replica_group}", init_sync=False)
         self.manager.load_state_dict({"step": step, "batches_committed": 0})
@@ -127,10 +132,12 @@ class ReplicaGroups:
     def start_step(self, wait_for_all: float = 0.0) -> Membership:
         """The quorum for the next step; when this group is behind, the live peer's state is loaded
         (through load_state_dict) before this returns. `wait_for_all`: seconds to keep asking while some
-        groups are missing (a run's first step, while the other jobs are still starting)."""
+        groups are missing (a run's first step, while the other jobs are still starting), unless a peer was
+        ahead (the run is under way: this group came back on a spare node)."""
         deadline = time.perf_counter() + wait_for_all
         membership = self._quorum()
-        while membership.participants < self.groups and time.perf_counter() < deadline:
+        while (membership.participants < self.groups and membership.healed_from is None
+               and time.perf_counter() < deadline):
             time.sleep(0.2)
             membership = self._quorum()
         return membership

@@ -45,8 +45,8 @@ from colossus.train.metrics import MetricsLogger, ThroughputWindow
 from colossus.train.optim import build_optimizer, build_scheduler
 from colossus.train.peak import device_peak_flops
 from colossus.train.prediction import PlannerCheck
-from colossus.train.replicas import (Membership, ReplicaGroups, check_reachable, from_transport, lighthouse_address,
-                                     state_digest, to_transport)
+from colossus.train.replicas import (QUORUM_TIMEOUT_S, Membership, ReplicaGroups, check_reachable, from_transport,
+                                     lighthouse_address, state_digest, to_transport)
 from colossus.train.startup import StartupTimes
 from colossus.train.step import StepResult, train_step
 
@@ -203,10 +203,11 @@ class Trainer:
         self.checkpoints = CheckpointPolicy(checkpointer, {MODEL_KEY: self.state}, self.logger, config.checkpoint.interval,
                                             tcfg.steps, config.checkpoint.on_error, {"config_sha": config_hash(config)})
         # Resume from the newest intact checkpoint, if any; only then touch the run folder. A replica group
-        # that torchrun restarted takes the current state from a live peer instead, at its first quorum, and
-        # reads its own checkpoint only if no peer is ahead of it (the whole job was down).
+        # (restarted by torchrun, or started on a spare node) takes the current state from a live peer
+        # instead, at its first quorum, and reads its own checkpoint only if no peer is ahead of it (the
+        # whole job was down).
         self.warn = (lambda text: print(f"warning: {text}")) if runtime.is_main else (lambda text: None)
-        self.from_storage_later = runtime.replica_groups > 1 and restart_count() > 0
+        self.from_storage_later = runtime.replica_groups > 1
         reading = time.perf_counter()
         self.resumed_from = None if self.from_storage_later else checkpointer.load_latest({MODEL_KEY: self.state},
                                                                                            warn=self.warn)
@@ -327,10 +328,10 @@ class Trainer:
         state in it; a restarted group that no peer is ahead of (the whole job was down) reads its own
         newest checkpoint and asks again."""
         self.position_before_step = self.loader.state_dict()
-        # A job's first quorum waits (up to faults.replica_timeout_s) for every group, so that a run starts (or
+        # A job's first quorum waits (up to a quorum's timeout) for every group, so that a run starts (or
         # resumes) whole; a group that torchrun restarted joins the others at once.
         first = restart_count() == 0 and not self.startup.reported
-        membership = self.replicas.start_step(self.config.faults.replica_timeout_s if first else 0.0)
+        membership = self.replicas.start_step(QUORUM_TIMEOUT_S if first else 0.0)
         if not self.startup.reported:
             self.startup.took("quorum", membership.quorum_s - membership.transfer_s)
             self.startup.took("transfer", membership.transfer_s)
