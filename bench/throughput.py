@@ -3,7 +3,7 @@ turn, with CPU MFU against a GEMM peak measured in the same run (and, with --pee
 trainer on the same machine).
 
 usage: python bench/throughput.py [--shapes nanogpt,titan,tiny,dense100m] [--modes reference,sdpa,eager,compiled]
-                                  [--steps N] [--threads T] [--ac none|full] [--peer] [--json]
+                                  [--steps N] [--threads T] [--ac none|full] [--nanogpt DIR] [--peer] [--json]
        python bench/throughput.py --device cuda     # on a GPU: dense1b and moe1b in bf16 autocast
 
 Each (shape, mode) runs in a fresh process: the real training step of colossus.train.trainer
@@ -13,14 +13,20 @@ happens there), then the median of N timed steps. Modes, each adding one optimis
   sdpa       + scaled_dot_product_attention (fused flash kernel) where the soft-cap is off
   eager      + fused AdamW: our default step (train.compile = false)
   compiled   + torch.compile of each block (inductor, C++ on CPU): train.compile = true
+  trainer    the eager step run by the whole trainer (colossus.train.trainer.train: data loading from the
+             stdlib corpus, logging every log.interval = 10 steps with TensorBoard, the ledger): tokens/s
+             from its wall clock between logged steps, and what one logged line costs (Trainer.log, timed)
 MFU counts the model's matmul FLOPs (modelmath.exact_flops_per_token: 3x the forward's matmuls,
 attention's full T x T as PaLM counts it, the input embedding a lookup: the convention of issue 8's
 peer figures, 38.5 MFLOP/token for torchtitan's shape). Peak memory is the process's peak RSS
 above what it held before the model was built, with glibc returning every freed block of 64 KiB or
 more to the system (MALLOC_MMAP_THRESHOLD_), so that RSS follows the live tensors; the planner's
 memory model is held to it by tests/test_memory.py.
-Reference figures of the peers on this machine (issue 8): nanoGPT at its shape 3,700 tokens/s;
-torchtitan's debug model 1,717 tokens/s without activation checkpointing.
+The "vs peer" column divides by a peer measured in the same run, on the same machine, or stays empty:
+--nanogpt DIR runs nanoGPT's own train.py from the user's checkout DIR at its shape (4 layers of 256, 4
+heads, block 256, batch 8, fp32, bias-free, no dropout, eager) on the bytes of Python's stdlib as uint16
+tokens (vocab 256), written by the bench into a scratch folder; --peer runs torchtitan's trainer on its
+debug model (../shared/peers/torchtitan-cpu). Both report the median step after their warm-up.
 With --device cuda the same step runs on the GPU as the trainer runs it there (fp32 weights, bf16
 autocast, fused AdamW; soft-capped attention in FlexAttention), on a ~1B dense model and a ~1.3B MoE
 (0.37B active) by default, from the sdpa mode on; MFU is
@@ -67,10 +73,9 @@ GPU_SHAPES = {
 SHAPES.update(GPU_SHAPES)
 CPU_SHAPES = ("nanogpt", "titan", "tiny", "dense100m")
 BATCH = 8
-PEER_TOKENS_PER_S = {"nanogpt": 3700.0, "titan": 1717.0}  # measured on this machine (issue 8)
 
 
-MODES = ("reference", "sdpa", "eager", "compiled")
+MODES = ("reference", "sdpa", "eager", "compiled", "trainer")
 # A GPU skips the reference: its written-out T x T scores at 2,048 tokens would not fit (~13 GB per layer).
 GPU_MODES = ("sdpa", "eager", "compiled")
 
@@ -129,6 +134,44 @@ def train_steps(shape: str, mode: str, steps: int, warmup: int, ac: str = "none"
             "params": modelmath.params_total(model_cfg),
             "params_active": modelmath.params_active(model_cfg), "flops_per_token": modelmath.exact_flops_per_token(model_cfg),
             "step_s": step_s, "tokens_per_s": batch * model_cfg.seq_len / step_s, "warmup_s": warm_s}
+
+
+def trainer_steps(shape: str, steps: int, warmup: int, threads: int, batch: int = BATCH, log_interval: int = 10) -> dict:
+    """The whole trainer at the shape, with its default logging: its tokens/s over the wall clock from
+    the first logged step after `warmup` to the last, and the median time of one Trainer.log call (the
+    metrics line, TensorBoard, the console and the ledger), timed from outside."""
+    import tempfile
+
+    from colossus import modelmath
+    from colossus.config import config_from_dict
+    from colossus.train import trainer as trainer_module
+
+    spent, original = [], trainer_module.Trainer.log
+
+    def timed_log(self, result) -> None:
+        begin = time.perf_counter()
+        original(self, result)
+        spent.append(time.perf_counter() - begin)
+
+    trainer_module.Trainer.log = timed_log
+    first_logged = -(-max(warmup, 1) // log_interval) * log_interval  # the first logged step after the warm-up
+    total = first_logged + steps
+    config = config_from_dict({"model": SHAPES[shape], "log": {"interval": log_interval},
+                               "train": {"steps": total, "global_batch": batch, "micro_batch": batch, "threads": threads},
+                               "checkpoint": {"interval": 10 * total}, "eval": {"interval": 10 * total, "batches": 1,
+                                                                               "sample_tokens": 0}})
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as scratch:
+        trainer_module.train(config, Path(scratch) / "run")
+        lines = (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "loss" in r and r["step"] >= first_logged]
+    first, last = records[0], records[-1]
+    step_s = (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+    model_cfg = config.model
+    return {"shape": shape, "mode": "trainer", "ac": "none", "batch": batch, "seq_len": model_cfg.seq_len,
+            "params": modelmath.params_total(model_cfg), "params_active": modelmath.params_active(model_cfg),
+            "flops_per_token": modelmath.exact_flops_per_token(model_cfg), "step_s": step_s,
+            "tokens_per_s": batch * model_cfg.seq_len / step_s, "warmup_s": first["elapsed_s"],
+            "log_interval": log_interval, "log_line_s": statistics.median(spent)}
 
 
 def peak_memory(shape: str, mode: str, ac: str = "none", batch: int = BATCH) -> dict:
@@ -304,6 +347,62 @@ def run_peer(steps: int) -> float | None:
     return None
 
 
+def stdlib_bytes(limit: int = 8 << 20) -> bytes:
+    """The bytes of Python's standard library sources, in a fixed order, up to `limit` (the peers' text)."""
+    import sysconfig
+
+    chunks, size = [], 0
+    for root, dirs, files in sorted(os.walk(sysconfig.get_paths()["stdlib"])):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__"))
+        for name in sorted(files):
+            if name.endswith(".py") and size < limit:
+                chunks.append(Path(root, name).read_bytes())
+                size += len(chunks[-1])
+    return b"".join(chunks)[:limit]
+
+
+def run_nanogpt(checkout: Path, steps: int, threads: int, warmup: int = 5) -> float | None:
+    """nanoGPT's own train.py at its shape on this machine (eager, fp32, 1 process): the median tokens/s
+    of its logged iterations after `warmup`. Its data (stdlib bytes as uint16 tokens, vocab 256 in
+    meta.pkl) and configurator.py go into a scratch folder it runs in; the checkout is only read."""
+    import pickle
+    import tempfile
+
+    import numpy as np
+
+    script = checkout / "train.py"
+    if not (script.is_file() and (checkout / "model.py").is_file() and (checkout / "configurator.py").is_file()):
+        print(f"--nanogpt {checkout}: no nanoGPT checkout there (train.py, model.py, configurator.py); skipping it",
+              file=sys.stderr)
+        return None
+    shape = SHAPES["nanogpt"]
+    with tempfile.TemporaryDirectory(prefix="nanogpt-peer-") as scratch:
+        data = Path(scratch, "data", "colossus_bytes")
+        data.mkdir(parents=True)
+        tokens = np.frombuffer(stdlib_bytes(), dtype=np.uint8).astype(np.uint16)
+        tokens.tofile(data / "train.bin")
+        tokens[: len(tokens) // 10].tofile(data / "val.bin")
+        (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 256}))
+        Path(scratch, "configurator.py").write_bytes((checkout / "configurator.py").read_bytes())
+        iters = warmup + steps
+        options = dict(dataset="colossus_bytes", out_dir=str(Path(scratch, "out")), device="cpu", dtype="float32",
+                       compile=False, batch_size=BATCH, block_size=shape["seq_len"], n_layer=shape["n_layers"],
+                       n_head=shape["n_heads"], n_embd=shape["d_model"], dropout=0.0, bias=False,
+                       gradient_accumulation_steps=1, max_iters=iters, lr_decay_iters=iters, warmup_iters=1,
+                       eval_interval=10**9, eval_iters=1, log_interval=1, always_save_checkpoint=False)
+        argv = [f"--{key}={value}" for key, value in options.items()]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        result = subprocess.run([sys.executable, str(script), *argv], cwd=scratch, env=env, capture_output=True,
+                                text=True)
+    times = [float(line.split("time ")[1].split("ms")[0]) / 1e3 for line in result.stdout.splitlines()
+             if line.startswith("iter ") and "time " in line]
+    if result.returncode != 0 or len(times) <= warmup:
+        print(f"nanoGPT printed no timings (exit {result.returncode}):\n{result.stdout[-1000:]}\n{result.stderr[-2000:]}",
+              file=sys.stderr)
+        return None
+    return BATCH * shape["seq_len"] / statistics.median(times[warmup:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Trainer throughput per model shape: a plain eager reference, then "
                                      "each optimisation in turn, with CPU MFU, peer ratios and peak memory.")
@@ -321,6 +420,8 @@ def main() -> int:
     parser.add_argument("--ac", default="none,full", help="activation checkpointing modes whose peak memory to measure "
                         "(eager step; none and/or full)")
     parser.add_argument("--peer", action="store_true", help="also run torchtitan's trainer (installs it from PyPI once)")
+    parser.add_argument("--nanogpt", type=Path, metavar="DIR",
+                        help="also run nanoGPT's train.py from this checkout at its shape (the nanogpt row's peer)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", metavar="SHAPE/MODE/AC,...", help=argparse.SUPPRESS)
@@ -337,7 +438,9 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        if args.worker:
+        if args.worker and args.worker[1] == "trainer":
+            print(json.dumps(trainer_steps(args.worker[0], args.steps, args.warmup, args.threads, batch=args.batch)))
+        elif args.worker:
             print(json.dumps(train_steps(*args.worker, args.steps, args.warmup, batch=args.batch, device_type=args.device)))
         if args.profile_worker and args.device == "cuda":
             print(json.dumps(gpu_profile_steps(*args.profile_worker, warmup=args.warmup)))
@@ -358,8 +461,8 @@ def main() -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA GPU is visible here; run on a GPU machine or drop --device")
-        if args.peer:
-            parser.error("--peer measures the CPU; drop it with --device cuda")
+        if args.peer or args.nanogpt:
+            parser.error("--peer and --nanogpt measure the CPU; drop them with --device cuda")
     shapes = [s for s in (args.shapes or ",".join(GPU_SHAPES if on_gpu else CPU_SHAPES)).split(",") if s]
     modes = [m for m in (",".join(GPU_MODES if on_gpu else MODES) if args.modes is None else args.modes).split(",") if m]
     ac_modes = [a for a in args.ac.split(",") if a]
@@ -383,18 +486,21 @@ def main() -> int:
     cases = [(shape, "eager", ac) for shape in shapes for ac in ac_modes]
     memory = (run_gpu_memory(cases) if on_gpu else run_memory(cases, args.threads)) if ac_modes else []
     peer = run_peer(25) if args.peer else None
+    nanogpt = run_nanogpt(args.nanogpt, args.steps, args.threads) if args.nanogpt else None
+    live_peers = {"titan": peer, "nanogpt": nanogpt}
     for row in rows:
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
         same_shape = [r for r in rows if r["shape"] == row["shape"]]
         first, before = same_shape[0], same_shape[max(same_shape.index(row) - 1, 0)]
         row["vs_reference"] = row["tokens_per_s"] / first["tokens_per_s"] if first["mode"] == "reference" else None
         row["vs_previous"] = row["tokens_per_s"] / before["tokens_per_s"]
-        reference = peer if (peer and row["shape"] == "titan") else PEER_TOKENS_PER_S.get(row["shape"])
+        reference = live_peers.get(row["shape"])  # measured now, or no ratio at all
         row["vs_peer"] = row["tokens_per_s"] / reference if reference else None
     for row in memory:
         row["predicted_bytes"] = predicted_peak_bytes(row["shape"], row["ac"], row["batch"], args.device)
     result = {"device": args.device, "gpu": peak_name or None, "gemm_peak_gflops": peak / 1e9, "threads": args.threads,
-              "batch": BATCH, "rows": rows, "memory": memory, "torchtitan_measured_tokens_per_s": peer}
+              "batch": BATCH, "rows": rows, "memory": memory, "torchtitan_measured_tokens_per_s": peer,
+              "nanogpt_measured_tokens_per_s": nanogpt}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -410,9 +516,15 @@ def main() -> int:
         print(f"{r['shape']:10} {r['mode']:9} {r['params'] / 1e6:7.1f}M {r['tokens_per_s']:9,.0f} {r['step_s'] * 1e3:8.1f} "
               f"{r['mfu']:6.1%} {ratio(r['vs_reference'])} {ratio(r['vs_previous'])} {ratio(r['vs_peer'])} "
               f"{r['warmup_s']:9.1f}")
+    for r in rows:
+        if r["mode"] == "trainer":
+            print(f"trainer at {r['shape']}: one logged line (metrics, TensorBoard, console, ledger) takes "
+                  f"{r['log_line_s'] * 1e3:.2f} ms, {r['log_line_s'] / r['step_s']:.2%} of a step; logged every "
+                  f"{r['log_interval']} steps (the default): {r['log_line_s'] / r['step_s'] / r['log_interval']:.2%}")
     if not on_gpu:
-        print("peers: nanoGPT 3,700 tokens/s at its shape, torchtitan "
-              + (f"{peer:,.0f} (measured now)" if peer else "1,717 (issue 8's measurement)") + " tokens/s")
+        measured = [f"{name} {value:,.0f} tokens/s" for name, value in (("nanoGPT", nanogpt), ("torchtitan", peer))
+                    if value]
+        print("peers measured now: " + (", ".join(measured) if measured else "none (--nanogpt DIR, --peer)"))
     if memory and on_gpu:
         print("\npeak GPU memory allocated during an eager step")
         print(f"{'shape':10} {'act. ckpt':9} {'measured MiB':>12} {'planner MiB':>11} {'error':>7}")

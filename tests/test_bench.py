@@ -60,3 +60,12 @@ def test_additive_mask_attention_is_bit_identical_to_masked_fill():
         assert torch.equal(ours, textbook)
         for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(textbook, (q, k, v), grad)):
             assert torch.equal(a, b)
+
+
+def test_nanogpt_peer_needs_a_checkout_and_is_fed_stdlib_bytes(tmp_path, capsys):
+    """--nanogpt DIR without nanoGPT's files there skips the peer with a line naming the folder (the column
+    then stays empty); its text is the stdlib's bytes, the same on every call, every token a byte."""
+    assert BENCH.run_nanogpt(tmp_path, steps=2, threads=1) is None
+    assert f"--nanogpt {tmp_path}: no nanoGPT checkout there" in capsys.readouterr().err
+    text = BENCH.stdlib_bytes(1 << 20)
+    assert len(text) == 1 << 20 and text == BENCH.stdlib_bytes(1 << 20) and b"def " in text
