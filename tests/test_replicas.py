@@ -32,6 +32,7 @@ def lighthouse():
 
     from colossus.launch import HEARTBEAT_TIMEOUT_MS, JOIN_TIMEOUT_MS
 
+    os.environ.setdefault("RUST_LOG", "warn")  # not every quorum at INFO in the suite's output
     server = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=JOIN_TIMEOUT_MS, quorum_tick_ms=50,
                               heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS)
     yield server.address()
