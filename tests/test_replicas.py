@@ -201,6 +201,34 @@ def test_a_spare_node_takes_the_place_of_a_dead_one(tmp_path: Path, corpus_dir: 
         assert logged[0][step]["state_sha256"] == logged[1][step]["state_sha256"]
 
 
+def test_a_whole_job_resumes_from_its_checkpoints_and_a_finished_one_stays_finished(
+        tmp_path: Path, corpus_dir: Path, lighthouse: str) -> None:
+    """Two groups started as a fresh job each time (no torchrun restart count): after the run finished,
+    starting it again trains nothing (the summaries keep their step and tokens); given more steps, every group
+    reads its own checkpoint (no peer is ahead) and they train on together, bit for bit alike."""
+    def run_groups(steps: int) -> list[dict]:
+        config = tiny_config(tmp_path, corpus_dir, groups=2, steps=steps, lighthouse=lighthouse)
+        jobs = [start([str(config), "--out", "run", "--set", f"faults.replica_group={group}"], tmp_path,
+                      [sys.executable]) for group in range(2)]
+        for job in jobs:
+            output, _ = job.communicate(timeout=600)
+            assert job.returncode == 0, output[-3000:]
+        return [json.loads((tmp_path / "run" / f"replica-{group}" / "summary.json").read_text()) for group in range(2)]
+
+    runs = [tmp_path / "run" / f"replica-{group}" for group in range(2)]
+    first = run_groups(10)
+    assert [s["step"] for s in first] == [10, 10] and first[0]["val_loss"] is not None
+    again = run_groups(10)
+    assert [(s["step"], s["tokens"]) for s in again] == [(s["step"], s["tokens"]) for s in first]
+    assert max(steps_of(runs[0])) == 10 and not events(runs[0], "finished_by_peers")
+    longer = run_groups(14)
+    assert [s["step"] for s in longer] == [14, 14] and longer[0]["tokens"] == first[0]["tokens"] * 14 // 10
+    for run in runs:
+        assert [e["step"] for e in events(run, "resume")][-1] == 10 and not events(run, "recovered_from_peer")
+    logged = [steps_of(run) for run in runs]
+    assert logged[0][14]["state_sha256"] == logged[1][14]["state_sha256"]
+
+
 def test_an_unreachable_lighthouse_is_one_line_naming_it(tmp_path: Path, corpus_dir: Path) -> None:
     config = tiny_config(tmp_path, corpus_dir, lighthouse="localhost:9")  # the discard port: nothing listens
     result = subprocess.run([sys.executable, "-m", "colossus.train", str(config), "--out", "run", "--set",

@@ -313,6 +313,8 @@ class Trainer:
         quorum comes first, since who takes part decides the batch); a batch that broke this run before
         is consumed and skipped (None)."""
         membership = self.join_step() if self.replicas is not None else None
+        if self.progress.step >= self.config.train.steps:  # a finished run started again: its checkpoint is the end
+            return None
         position = loader_position(self.loader)
         if position in self.progress.skip_batches:  # consume the whole step's windows, every group's share
             self.loader.next_batch() if membership is None else self.loader.next_shared_batch(
@@ -349,17 +351,20 @@ class Trainer:
             self.position_before_step = self.loader.state_dict()
         elif self.from_storage_later:
             self.from_storage_later = False
-            peer = finished_peer(self.out, self.config.train.steps)
-            if peer is not None:  # no live group because they all finished while this one was down
-                raise RunFinishedByPeers(peer)
             restored = self.checkpoints.checkpointer.load_latest({MODEL_KEY: self.state}, warn=self.warn)
             if restored is not None:
                 self.checkpoints.saved_step = restored
                 self.accounting.ledger.joined_at(restored)
-                self.replicas.manager.load_state_dict({"step": restored, "batches_committed": 0})
                 self.logger.event("resume", step=restored, restart=restart_count(), reason="no live replica group ahead")
                 self.logger.print(f"resumed {self.out} from step {restored}: no live replica group was ahead")
                 self.progress.start_clock()
+            if self.progress.step >= self.config.train.steps:  # this group had finished: nothing to train
+                return membership
+            peer = finished_peer(self.out, self.config.train.steps)
+            if peer is not None:  # no live group because they all finished while this one was down
+                raise RunFinishedByPeers(peer)
+            if restored is not None:
+                self.replicas.manager.load_state_dict({"step": restored, "batches_committed": 0})
                 return self.join_step()
         return membership
 
