@@ -118,11 +118,11 @@ class ReplicaLaunch:
         """Shell lines, comments included: paste them into one shell on one machine, or each group's
         line on that group's nodes."""
         one_node = not self.groups[0].store_elsewhere
-        lines = [f"# the torchft Lighthouse, on {self.head}, first:", lighthouse_command(self.lighthouse_port)
-                 + (" &" if one_node else "")]
+        lines = [f"# the torchft Lighthouse, on {self.head}, first:", lighthouse_command(self.lighthouse_port) + " &"]
         if not one_node:
             lines += [f"# and the groups' rendezvous, on {self.head} too (it outlives any group's node):",
-                      shlex.join(["colossus", "rendezvous", f"--port={self.groups[0].port}", f"--groups={len(self.groups)}"])]
+                      shlex.join(["colossus", "rendezvous", f"--port={self.groups[0].port}",
+                                  f"--groups={len(self.groups)}"]) + " &"]
         for index, group in enumerate(self.groups):
             where = "" if one_node else f" (on each of its {group.nodes} nodes"
             if self.spare_nodes:

@@ -159,7 +159,7 @@ def test_a_spare_node_takes_the_place_of_a_dead_one(tmp_path: Path, corpus_dir: 
     launch = plan_replica_launch(2, 2, 1, "127.0.0.1", port, lighthouse_port, [str(config), "--out", "run"], 3,
                                  spare_nodes=1)
     lines = launch.commands()
-    assert lines[2].startswith("# and the groups' rendezvous") and lines[3] == f"colossus rendezvous --port={port} --groups=2"
+    assert lines[2].startswith("# and the groups' rendezvous") and lines[3] == f"colossus rendezvous --port={port} --groups=2 &"
 
     def node(group: int, name: str) -> subprocess.Popen:
         plan = launch.groups[group]
@@ -266,7 +266,7 @@ def test_launch_prints_the_lighthouse_and_one_torchrun_job_per_group() -> None:
     several = plan_replica_launch(2, 4, 8, "head", 29500, 29510, [], 1).commands()
     assert [line.count("--nnodes=2") for line in several if "torchrun" in line] == [1, 1]
     # every group's rendezvous served on the head node, where it outlives the group's own nodes
-    assert several[3] == "colossus rendezvous --port=29500 --groups=2"
+    assert several[1].endswith(" &") and several[3] == "colossus rendezvous --port=29500 --groups=2 &"
     assert "--rdzv-endpoint=head:29501 --rdzv-id=colossus-group-1 --rdzv-conf=is_host=false" in several[-1]
     spares = plan_replica_launch(2, 4, 8, "head", 29500, 29510, [], 1, spare_nodes=1).commands()
     assert "(on each of its 2 nodes and its 1 spare node:" in spares[4] and spares[5] == several[5]
