@@ -276,6 +276,19 @@ def test_launch_prints_the_lighthouse_and_one_torchrun_job_per_group() -> None:
         plan_replica_launch(2, 3, 8, "head", 29500, 29510, [], 1)
 
 
+def test_spare_nodes_and_a_rendezvous_port_in_use_are_one_line_errors(capsys) -> None:
+    from colossus.cli import EXIT_USER_ERROR, main
+    from colossus.launch import serve_rendezvous
+
+    assert main(["launch", "--spare-nodes", "1", "--", "run.toml"]) == EXIT_USER_ERROR
+    assert "--spare-nodes needs --replica-groups" in capsys.readouterr().err
+    port = free_port()
+    stores = serve_rendezvous(port, 1)  # noqa: F841 (holds the port)
+    assert main(["rendezvous", "--port", str(port), "--groups", "2"]) == EXIT_USER_ERROR
+    error = capsys.readouterr().err
+    assert f"port {port} is in use" in error and len(error.strip().splitlines()) == 1
+
+
 def test_a_run_folder_does_not_switch_between_one_job_and_replica_groups(tmp_path: Path, corpus_dir: Path) -> None:
     from colossus.config import config_from_dict
     from colossus.train.trainer import train
