@@ -348,16 +348,16 @@ def run_peer(steps: int) -> float | None:
 
 
 def stdlib_bytes(limit: int = 8 << 20) -> bytes:
-    """The bytes of Python's standard library sources, in a fixed order, up to `limit` (the peers' text)."""
-    import sysconfig
+    """The first `limit` bytes (UTF-8) of the stdlib corpus `colossus train` reads by default (the peers' text)."""
+    from colossus.config import DataConfig
+    from colossus.data.corpus import iter_documents
 
     chunks, size = [], 0
-    for root, dirs, files in sorted(os.walk(sysconfig.get_paths()["stdlib"])):
-        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "__pycache__"))
-        for name in sorted(files):
-            if name.endswith(".py") and size < limit:
-                chunks.append(Path(root, name).read_bytes())
-                size += len(chunks[-1])
+    for _, text in iter_documents(DataConfig(source="stdlib")):
+        chunks.append(text.encode("utf-8"))
+        size += len(chunks[-1])
+        if size >= limit:
+            break
     return b"".join(chunks)[:limit]
 
 

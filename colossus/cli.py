@@ -323,11 +323,10 @@ def run_rendezvous(args: argparse.Namespace) -> int:
 
     from colossus.launch import serve_rendezvous
 
-    stores = serve_rendezvous(args.port, args.groups)
+    _stores = serve_rendezvous(args.port, args.groups)  # served while this process holds them
     print(f"colossus rendezvous: the torchrun rendezvous of replica groups 0-{args.groups - 1} on ports "
           f"{args.port}-{args.port + args.groups - 1}; stop it after the groups", flush=True)
     threading.Event().wait()  # until interrupted (SIGINT: KeyboardInterrupt; SIGTERM ends the process)
-    del stores
     return 0
 
 

@@ -137,10 +137,6 @@ class GroupRecovery:
         """Share of the steps that run with a group missing (a smaller batch)."""
         return min(1.0, self.failures_per_day / 86400 * self.out_s)
 
-    def spares_per_group(self, days: float) -> float:
-        """Spare nodes each group uses up over `days` (one per failure that takes its node out)."""
-        return self.failures_per_day * self.hardware_share * days / self.groups
-
 
 def group_recovery(model: ModelConfig, prediction: Prediction, cluster: Cluster, failures: dict[str, float],
                    job_wide: frozenset[str] = JOB_WIDE_CAUSES, swap_s: float = DEFAULT_RESTART_S,
@@ -331,14 +327,15 @@ def _report(options: SimulationOptions, model: ModelConfig, phases: list[tuple[P
     report["recovery"] = options.recovery
     if first.groups is not None:
         g = first.groups
+        group_failures = float(np.mean(wall)) / 86400 * g.failures_per_day
         report.update({
             "replica_groups": g.groups, "group_failures_per_day": g.failures_per_day,
             "job_restarts_per_day": sum(first.failures.values()) - g.failures_per_day,
             "group_recovery_s": g.out_s, "group_transfer_s": g.transfer_s, "group_stall_s": g.stall_s,
             "group_hardware_share": g.hardware_share, "hot_spares": options.hot_spares, "group_swap_s": g.swap_s,
-            "spares_per_group": g.spares_per_group(float(np.mean(sum(o.wall_s for _, o, _ in phases))) / 86400),
+            "spares_per_group": group_failures * g.hardware_share / g.groups,  # one per node a failure takes out
             "group_failure_cost_s": g.cost_s, "short_step_fraction": g.short_fraction(),
-            "group_failures": float(np.mean(sum(o.wall_s for _, o, _ in phases))) / 86400 * g.failures_per_day,
+            "group_failures": group_failures,
         })
     if len(phases) > 1:
         report["phases"] = [{"cluster": p.cluster.name, "n_gpus": p.cluster.n_gpus, "layout": p.prediction.to_json()["layout"],

@@ -113,7 +113,8 @@ class ReplicaGroups:
         # and a group that heals does so before its forward. init_sync off: every group starts from the
         # same seed or the same checkpoint, so step 0 needs no transfer.
         kill = faults.inject_kill_in_recovery and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 1
-        self.transport = timed_transport(kill)(timeout=timedelta(seconds=QUORUM_TIMEOUT_S), num_chunks=0)
+        long_wait = timedelta(seconds=QUORUM_TIMEOUT_S)
+        self.transport = timed_transport(kill)(timeout=long_wait, num_chunks=0)
         self.loaded_s = 0.0
 
         def load_timed(state: dict) -> None:
@@ -123,8 +124,7 @@ class ReplicaGroups:
 
         self.manager = Manager(pg=pg, checkpoint_transport=self.transport, load_state_dict=load_timed, state_dict=state_dict,
                                min_replica_size=faults.min_replicas, use_async_quorum=False, timeout=timeout,
-                               quorum_timeout=timedelta(seconds=QUORUM_TIMEOUT_S),
-                               connect_timeout=timedelta(seconds=QUORUM_TIMEOUT_S), rank=rank, world_size=world,
+                               quorum_timeout=long_wait, connect_timeout=long_wait, rank=rank, world_size=world,
                                store_addr=host, store_port=port, lighthouse_addr=address,
                                replica_id=f"colossus_group_{faults.replica_group}", init_sync=False)
         self.manager.load_state_dict({"step": step, "batches_committed": 0})

@@ -313,8 +313,8 @@ class Trainer:
         quorum comes first, since who takes part decides the batch); a batch that broke this run before
         is consumed and skipped (None)."""
         membership = self.join_step() if self.replicas is not None else None
-        if self.progress.step >= self.config.train.steps:  # a finished run started again: its checkpoint is the end
-            return None
+        if membership is not None and self.progress.step >= self.config.train.steps:
+            return None  # a finished run started again: its own checkpoint was the end
         position = loader_position(self.loader)
         if position in self.progress.skip_batches:  # consume the whole step's windows, every group's share
             self.loader.next_batch() if membership is None else self.loader.next_shared_batch(
